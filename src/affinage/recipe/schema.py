@@ -1,0 +1,299 @@
+"""The recipe schema: every key a researcher may write, with its type, default and limits.
+
+Strict on purpose (llm-foundry style): unknown keys are errors (``extra="forbid"``), impossible
+combinations are rejected here, before any model or data is loaded. Loading YAML, ``base:``
+composition, ``--set`` overrides and the file:line error messages live in ``recipe.loader``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --------------------------------------------------------------------------------------- model
+class ModelSpec(Strict):
+    """Which base model, and how to load it offline."""
+
+    name_or_path: str = Field(description="local folder, HF id (read from the HF cache or a mirror), or a mirror-relative org/name")
+    revision: Optional[str] = Field(None, description="HF cache revision (branch, tag or commit); default: the cache's main ref")
+    mirrors: list[str] = Field(
+        default_factory=lambda: ["$DSDIR/HuggingFace_Models"],
+        description="folders laid out as <mirror>/<org>/<name> (Jean Zay's $DSDIR layout); env vars expanded",
+    )
+    tokenizer: Optional[str] = Field(None, description="tokenizer folder or id when it differs from the model's")
+    chat_template: Optional[str] = Field(
+        None, description="named template (see affinage.data.templates) or a .jinja file, for a base model without one"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"] = "sdpa"
+    trust_remote_code: bool = False
+    init: Literal["pretrained", "random"] = Field(
+        "pretrained", description="random: build the architecture from config.json with random weights (demos, from-scratch)"
+    )
+
+
+# -------------------------------------------------------------------------------------- method
+class LoraSpec(Strict):
+    r: int = 16
+    alpha: float = 32
+    dropout: float = 0.05
+    targets: list[str] | Literal["all-linear"] = "all-linear"
+    dora: bool = False
+    modules_to_save: list[str] = Field(default_factory=list)
+
+    @field_validator("r")
+    @classmethod
+    def _rank_positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"LoRA rank must be a positive integer (got {v}); typical values are 8, 16, 64")
+        return v
+
+    @field_validator("alpha")
+    @classmethod
+    def _alpha_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"LoRA alpha must be positive (got {v}); a common choice is 2 × r")
+        return v
+
+    @field_validator("dropout")
+    @classmethod
+    def _dropout_range(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"LoRA dropout must be in [0, 1) (got {v})")
+        return v
+
+
+class QuantizationSpec(Strict):
+    """bitsandbytes 4-bit quantisation of the frozen base (QLoRA)."""
+
+    bits: Literal[4] = 4
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+
+
+class MethodSpec(Strict):
+    kind: Literal["lora", "qlora", "full"] = "lora"
+    lora: Optional[LoraSpec] = None
+    quantization: Optional[QuantizationSpec] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "MethodSpec":
+        if self.kind == "full":
+            if self.quantization is not None:
+                raise ValueError(
+                    "method.quantization is set with method.kind: full — a 4-bit base cannot be fully "
+                    "fine-tuned; use kind: qlora (4-bit base + LoRA) or remove method.quantization"
+                )
+            if self.lora is not None:
+                raise ValueError("method.lora is set with method.kind: full — use kind: lora, or remove method.lora")
+        if self.kind in ("lora", "qlora") and self.lora is None:
+            self.lora = LoraSpec()
+        if self.kind == "qlora" and self.quantization is None:
+            self.quantization = QuantizationSpec()
+        if self.kind == "lora" and self.quantization is not None:
+            raise ValueError("method.quantization is set with method.kind: lora — did you mean kind: qlora?")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- data
+class SourceSpec(Strict):
+    path: str = Field(description="a .jsonl/.json file, a .parquet file, a folder of .txt files, or a datasets.save_to_disk folder")
+    format: Literal["auto", "text", "chat", "alpaca"] = "auto"
+    weight: float = Field(1.0, description="repeat factor: 0.5 keeps half the records, 2 uses them twice")
+    name: Optional[str] = None
+    text_field: str = "text"
+    messages_field: str = "messages"
+    max_records: Optional[int] = None
+    licence: Optional[str] = Field(None, description="SPDX id or free text, copied into the data manifest and model card")
+    origin: Optional[str] = Field(None, description="where the data comes from (URL, repository and commit, ...)")
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_positive(cls, v: float) -> float:
+        if v <= 0:
+            raise ValueError(f"source weight must be > 0 (got {v}); remove the source to leave it out")
+        return v
+
+    @field_validator("max_records")
+    @classmethod
+    def _max_records_positive(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v <= 0:
+            raise ValueError(f"max_records must be > 0 (got {v})")
+        return v
+
+
+class DataSpec(Strict):
+    sources: list[SourceSpec] = Field(min_length=1)
+    max_length: int = Field(1024, description="sequence length in tokens; longer samples are truncated (SFT) or split (CPT)")
+    heldout_fraction: float = Field(0.0, description="share of records kept out of training for evaluation")
+    heldout_max: Optional[int] = Field(None, description="cap on held-out records")
+    on_bad_record: Literal["error", "skip"] = Field(
+        "error", description="error: stop on the first malformed line; skip: count and report skipped lines"
+    )
+    shuffle: bool = True
+
+    @field_validator("max_length")
+    @classmethod
+    def _max_length(cls, v: int) -> int:
+        if v < 8:
+            raise ValueError(f"data.max_length must be at least 8 tokens (got {v})")
+        return v
+
+    @field_validator("heldout_fraction")
+    @classmethod
+    def _heldout(cls, v: float) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"data.heldout_fraction must be in [0, 1) (got {v})")
+        return v
+
+
+# ------------------------------------------------------------------------------------ training
+_DURATION = re.compile(r"^\s*(?P<n>\d+(?:\.\d+)?)\s*(?P<mult>[kKMBG]?)\s*(?P<unit>steps?|epochs?|tokens?)\s*$")
+_MULT = {"": 1, "k": 1e3, "K": 1e3, "M": 1e6, "B": 1e9, "G": 1e9}
+
+
+class Duration(Strict):
+    """How long to train: ``200 steps``, ``3 epochs``, ``1.5M tokens`` (one of them)."""
+
+    unit: Literal["steps", "epochs", "tokens"]
+    value: float
+
+    @classmethod
+    def parse(cls, text: str) -> "Duration":
+        m = _DURATION.match(str(text))
+        if not m:
+            raise ValueError(
+                f"cannot read duration {text!r}: write a number and a unit, e.g. '200 steps', '3 epochs' or '50M tokens'"
+            )
+        unit = m["unit"].rstrip("s") + "s"
+        value = float(m["n"]) * _MULT[m["mult"]]
+        if m["mult"] and unit != "tokens":
+            raise ValueError(f"duration {text!r}: k/M/B multipliers are for token budgets (e.g. '50M tokens')")
+        if value <= 0:
+            raise ValueError(f"duration {text!r} must be positive")
+        if unit == "steps" and value != int(value):
+            raise ValueError(f"duration {text!r}: steps must be a whole number")
+        return cls(unit=unit, value=value)
+
+    def __str__(self) -> str:
+        v = int(self.value) if self.value == int(self.value) else self.value
+        return f"{v} {self.unit}"
+
+
+class TrainingSpec(Strict):
+    global_batch_size: int = Field(description="sequences per optimizer step, summed over all GPUs and accumulation")
+    micro_batch_size: int = Field(1, description="sequences per forward pass on one GPU")
+    duration: Duration
+    learning_rate: float = 2e-4
+    lr_scheduler: Literal["cosine", "linear", "constant", "constant_with_warmup", "wsd"] = "cosine"
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    optimizer: Literal["adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit", "sgd"] = "adamw_torch"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_every: Optional[int] = Field(None, description="checkpoint every N optimizer steps (default: only at the end)")
+    keep_checkpoints: int = Field(2, description="complete checkpoints kept on disk (oldest deleted first)")
+    eval_every: Optional[int] = Field(None, description="evaluate the held-out split every N steps")
+    report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
+
+    @field_validator("duration", mode="before")
+    @classmethod
+    def _parse_duration(cls, v):
+        if isinstance(v, str):
+            return Duration.parse(v)
+        if isinstance(v, int):
+            raise ValueError(f"duration {v!r} has no unit: write '{v} steps' or '{v} epochs'")
+        return v
+
+    @field_validator("global_batch_size", "micro_batch_size", "logging_steps", "keep_checkpoints")
+    @classmethod
+    def _positive(cls, v: int) -> int:
+        if v <= 0:
+            raise ValueError(f"must be a positive integer (got {v})")
+        return v
+
+    @field_validator("learning_rate")
+    @classmethod
+    def _lr(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"learning_rate must be in (0, 1) (got {v}); LoRA typically 1e-4..3e-4, full 1e-5..5e-5")
+        return v
+
+    @model_validator(mode="after")
+    def _batches(self) -> "TrainingSpec":
+        if self.global_batch_size % self.micro_batch_size:
+            raise ValueError(
+                f"global_batch_size {self.global_batch_size} is not a multiple of micro_batch_size "
+                f"{self.micro_batch_size}: choose sizes so that global = micro × GPUs × accumulation"
+            )
+        return self
+
+    def gradient_accumulation(self, world_size: int) -> int:
+        """Accumulation steps that keep the global batch fixed on ``world_size`` processes."""
+        per_step = self.micro_batch_size * world_size
+        if self.global_batch_size % per_step:
+            valid = [w for w in range(1, self.global_batch_size // self.micro_batch_size + 1)
+                     if (self.global_batch_size // self.micro_batch_size) % w == 0]
+            raise ValueError(
+                f"training.global_batch_size {self.global_batch_size} cannot be split over {world_size} processes "
+                f"with micro_batch_size {self.micro_batch_size} (micro × world = {per_step} does not divide it). "
+                f"World sizes that work with these sizes: {valid}; or change global_batch_size/micro_batch_size."
+            )
+        return self.global_batch_size // per_step
+
+
+class OutputSpec(Strict):
+    dir: str = Field("runs/{name}", description="run directory; {name} is the recipe name")
+
+
+# -------------------------------------------------------------------------------------- recipe
+class Recipe(Strict):
+    name: str
+    description: Optional[str] = None
+    task: Literal["sft", "cpt"] = Field(description="sft: chat/instruction data, loss on assistant turns; cpt: raw text")
+    seed: int = 42
+    model: ModelSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    data: DataSpec
+    training: TrainingSpec
+    output: OutputSpec = Field(default_factory=OutputSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError(
+                f"name {v!r} must be letters, digits, '.', '_' or '-' (it names the run folder and jobs)"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Recipe":
+        if self.method.kind == "qlora" and self.model.init == "random":
+            raise ValueError("method.kind: qlora with model.init: random — quantising an untrained model makes no sense; use lora or full")
+        if self.training.micro_batch_size > self.training.global_batch_size:
+            raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
+        if self.training.eval_every and self.data.heldout_fraction == 0:
+            raise ValueError("training.eval_every is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
+        if self.task == "cpt":
+            for i, s in enumerate(self.data.sources):
+                if s.format in ("chat", "alpaca"):
+                    raise ValueError(
+                        f"data.sources[{i}].format: {s.format} with task: cpt — continued pretraining reads raw text; "
+                        "use task: sft for chat/alpaca data"
+                    )
+        return self
+
+    def run_dir(self) -> str:
+        return self.output.dir.format(name=self.name)
