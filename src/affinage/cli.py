@@ -1,0 +1,171 @@
+"""`affinage` command line: thin commands, the logic lives in the modules they call."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    """Offline and quiet by default: no hub calls, no telemetry, no noise from optional kernels."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not os.environ.get("CUDA_VISIBLE_DEVICES"):
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from affinage.data.errors import DataError
+    from affinage.model.errors import ModelNotFoundError
+    from affinage.recipe.loader import RecipeError
+
+    errors: list[type[BaseException]] = [RecipeError, DataError, ModelNotFoundError]
+    try:
+        from affinage.model.errors import ModelError
+
+        errors.append(ModelError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _load(args, world_size: int | None = None):
+    from affinage.recipe.loader import load_recipe
+
+    return load_recipe(args.recipe, overrides=args.set or (), world_size=world_size)
+
+
+def _human_seconds(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min"
+
+
+def format_summary(result) -> str:
+    r = result
+    loss = "n/a"
+    if r.loss_first is not None:
+        loss = f"{r.loss_first:.4f} → {r.loss_last:.4f}"
+    lines = [
+        "",
+        "── affinage summary " + "─" * 40,
+        f"status          {'complete' if r.completed else 'stopped early (checkpoint written; rerun to resume)'}",
+        f"steps           {r.steps}/{r.max_steps}  (world size {r.world_size}, accumulation {r.gradient_accumulation})",
+        f"samples         {r.train_samples} train, {r.heldout_samples} held out",
+        f"tokens          {r.tokens_seen:,} (non-padding, seen in this session)",
+        f"loss            {loss}" + (f"   held-out loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""),
+        f"time            {_human_seconds(r.seconds)}" + (f"   resumed from {r.resumed_from}" if r.resumed_from else ""),
+    ]
+    for k, v in r.outputs.items():
+        lines.append(f"{k:<15} {v}")
+    return "\n".join(lines)
+
+
+def cmd_train(args) -> int:
+    from affinage.recipe.loader import write_resolved
+    from affinage.run import RunDir
+    from affinage.train.trainer import train, world_size_from_env
+
+    recipe = _load(args, world_size=world_size_from_env())
+    run = RunDir.create(args.run_dir or recipe.run_dir())
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_resolved(recipe, run.recipe)
+    result = train(recipe, run, resume=not args.fresh)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(format_summary(result))
+    return 0 if result.completed else 3
+
+
+def cmd_plan(args) -> int:
+    from affinage.plan import format_plan, make_plan
+
+    recipe = _load(args, world_size=args.world_size)
+    plan = make_plan(recipe, world_size=args.world_size)
+    if args.json:
+        print(json.dumps(plan.as_dict(), indent=2))
+        return 0
+    from affinage.recipe.loader import dump_resolved
+
+    if args.show_recipe:
+        print(dump_resolved(recipe))
+    print(format_plan(plan))
+    return 0
+
+
+def cmd_smoke(args) -> int:
+    from affinage.smoke import run_smoke
+
+    recipe = _load(args)
+    result = run_smoke(recipe, steps=args.steps, run_dir=args.run_dir)
+    print(format_summary(result))
+    return 0 if result.completed else 1
+
+
+def cmd_merge(args) -> int:
+    from affinage.merge import merge_run
+
+    report = merge_run(Path(args.run_dir), out_dir=args.out)
+    print(report)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="affinage", description="Cultural fine-tuning of open LLMs from strict YAML recipes.")
+    p.add_argument("--version", action="version", version=f"affinage {__import__('affinage').__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def recipe_cmd(name: str, help: str):
+        c = sub.add_parser(name, help=help, description=help)
+        c.add_argument("recipe", help="recipe YAML file (recipes/<model>/<method>/<variant>.yaml)")
+        c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key, e.g. --set training.learning_rate=1e-4 (repeatable)")
+        return c
+
+    c = recipe_cmd("train", "train a recipe here (CPU or one GPU; under torchrun for several)")
+    c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
+    c.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    c.set_defaults(func=cmd_train)
+
+    c = recipe_cmd("plan", "check a recipe and print what it will do, without loading weights")
+    c.add_argument("--world-size", type=int, default=1, help="number of GPUs/processes to plan for")
+    c.add_argument("--json", action="store_true", help="machine-readable output")
+    c.add_argument("--show-recipe", action="store_true", help="print the resolved recipe too")
+    c.set_defaults(func=cmd_plan)
+
+    c = recipe_cmd("smoke", "run the recipe's whole pipeline on CPU with a tiny model of the same architecture")
+    c.add_argument("--steps", type=int, default=4, help="optimizer steps (default 4)")
+    c.add_argument("--run-dir", help="run directory (default: <recipe run dir>-smoke)")
+    c.set_defaults(func=cmd_smoke)
+
+    c = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model (safetensors)")
+    c.add_argument("run_dir", help="run directory of a finished LoRA/QLoRA run")
+    c.add_argument("--out", help="output folder (default: RUN_DIR/merged)")
+    c.set_defaults(func=cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _quiet_libraries()
+    errors = _user_errors()
+    try:
+        return args.func(args)
+    except errors as e:
+        print(f"affinage: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("affinage: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

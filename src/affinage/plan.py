@@ -1,0 +1,203 @@
+"""`affinage plan`: what a recipe will do, computed without loading weights or tokenizing.
+
+The model is built on the ``meta`` device from its config.json (no memory, no weights), so a 7B
+plan runs in a second on a laptop that only has the config staged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from affinage.dist.memory import MemoryEstimate, estimate_memory, human_bytes
+from affinage.recipe.schema import Recipe
+
+
+@dataclass
+class Plan:
+    recipe: Recipe
+    model_path: str
+    model_type: str
+    params_total: int
+    params_trainable: int
+    world_size: int
+    gradient_accumulation: int
+    tokens_per_step: int
+    steps: int | None
+    steps_note: str
+    memory: MemoryEstimate
+    checkpoint_bytes: int
+    dtype: str
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {
+            "recipe": self.recipe.name,
+            "model_path": self.model_path,
+            "model_type": self.model_type,
+            "params_total": self.params_total,
+            "params_trainable": self.params_trainable,
+            "world_size": self.world_size,
+            "gradient_accumulation": self.gradient_accumulation,
+            "tokens_per_step": self.tokens_per_step,
+            "steps": self.steps,
+            "steps_note": self.steps_note,
+            "dtype": self.dtype,
+            "memory_per_gpu": self.memory.as_dict(),
+            "checkpoint_bytes": self.checkpoint_bytes,
+            "notes": self.notes,
+        }
+
+
+def _meta_model(recipe: Recipe, config):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+    if recipe.method.kind in ("lora", "qlora"):
+        from peft import LoraConfig, get_peft_model
+
+        lora = recipe.method.lora
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.alpha,
+                lora_dropout=lora.dropout,
+                target_modules=lora.targets,
+                use_dora=lora.dora,
+                modules_to_save=lora.modules_to_save or None,
+                task_type="CAUSAL_LM",
+            ),
+        )
+    return model
+
+
+def _linear_params(model) -> int:
+    import torch
+
+    return sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and "lora_" not in type(m).__name__.lower())
+
+
+def _count_records(recipe: Recipe) -> int | None:
+    """Records after weights, by reading the sources without tokenizing (None if unreadable)."""
+    try:
+        from affinage.data.readers import read_source
+    except ImportError:
+        return None
+    total = 0.0
+    for src in recipe.data.sources:
+        n = 0
+        for _ in read_source(src, "skip"):
+            n += 1
+            if src.max_records and n >= src.max_records:
+                break
+        total += n * (1 - recipe.data.heldout_fraction) * src.weight
+    return int(total)
+
+
+def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True) -> Plan:
+    from transformers import AutoConfig
+
+    from affinage.model.resolve import resolve_model_path
+
+    path = resolve_model_path(recipe.model.name_or_path, revision=recipe.model.revision, mirrors=recipe.model.mirrors)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.model.trust_remote_code)
+    model = _meta_model(recipe, config)
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if recipe.method.kind == "full":
+        trainable = total
+    notes: list[str] = []
+
+    accumulation = recipe.training.gradient_accumulation(world_size)
+    t = recipe.training
+    tokens_per_step = t.global_batch_size * recipe.data.max_length
+    d = t.duration
+    if d.unit == "steps":
+        steps, steps_note = int(d.value), "from the recipe"
+    elif d.unit == "tokens":
+        steps = math.ceil(d.value / tokens_per_step)
+        steps_note = "at least (assumes full-length sequences; shorter samples mean more steps)"
+    else:
+        records = _count_records(recipe) if count_data else None
+        if records is None:
+            steps, steps_note = None, "unknown until the data is read"
+        else:
+            steps = max(1, math.ceil(d.value * records / t.global_batch_size))
+            steps_note = f"{records} training records × {d.value:g} epochs (SFT: one sample per record; CPT: long texts split into more samples)"
+
+    dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"
+    if recipe.model.dtype == "auto":
+        notes.append("dtype auto: bfloat16 assumed on GPU (float32 on CPU)")
+    quant = recipe.method.kind == "qlora"
+    hidden = getattr(config, "hidden_size", 0)
+    memory = estimate_memory(
+        params_total=total,
+        params_trainable=trainable,
+        params_linear=_linear_params(model),
+        hidden=hidden,
+        intermediate=getattr(config, "intermediate_size", 4 * hidden),
+        layers=getattr(config, "num_hidden_layers", 0),
+        vocab=getattr(config, "vocab_size", 0),
+        seq_len=recipe.data.max_length,
+        micro_batch=t.micro_batch_size,
+        dtype=dtype,
+        quantized_4bit=quant,
+        optimizer=t.optimizer,
+        gradient_checkpointing=t.gradient_checkpointing,
+    )
+    from affinage.dist.memory import DTYPE_BYTES
+
+    b = DTYPE_BYTES[dtype]
+    if recipe.method.kind == "full":
+        checkpoint = total * b + total * 2 * b  # weights + AdamW states
+    else:
+        checkpoint = trainable * 4 * 3  # fp32 adapter + AdamW states
+    return Plan(
+        recipe=recipe,
+        model_path=str(path),
+        model_type=config.model_type,
+        params_total=total,
+        params_trainable=trainable,
+        world_size=world_size,
+        gradient_accumulation=accumulation,
+        tokens_per_step=tokens_per_step,
+        steps=steps,
+        steps_note=steps_note,
+        memory=memory,
+        checkpoint_bytes=checkpoint,
+        dtype=dtype,
+        notes=notes,
+    )
+
+
+def _count(n: int) -> str:
+    for unit, div in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= div:
+            return f"{n / div:.2f}{unit}"
+    return str(n)
+
+
+def format_plan(plan: Plan) -> str:
+    r = plan.recipe
+    m = plan.memory
+    lines = [
+        f"recipe          {r.name} ({r.task}, {r.method.kind})",
+        f"model           {r.model.name_or_path} → {plan.model_path} [{plan.model_type}, {plan.dtype}]",
+        f"parameters      {_count(plan.params_total)} total, {_count(plan.params_trainable)} trainable "
+        f"({100 * plan.params_trainable / max(1, plan.params_total):.2f}%)",
+        f"world size      {plan.world_size} process(es) × micro batch {r.training.micro_batch_size} × "
+        f"accumulation {plan.gradient_accumulation} = global batch {r.training.global_batch_size}",
+        f"tokens/step     ≤ {plan.tokens_per_step:,} (global batch × max_length {r.data.max_length})",
+        f"duration        {r.training.duration} → "
+        + (f"{plan.steps:,} optimizer steps ({plan.steps_note})" if plan.steps else plan.steps_note),
+        f"peak memory     ≈ {human_bytes(m.total)} per GPU (weights {human_bytes(m.weights)}, grads "
+        f"{human_bytes(m.gradients)}, optimizer {human_bytes(m.optimizer)}, activations "
+        f"{human_bytes(m.activations)}, logits {human_bytes(m.logits)})",
+        f"checkpoint      ≈ {human_bytes(plan.checkpoint_bytes)} each, {r.training.keep_checkpoints} kept",
+        f"run directory   {r.run_dir()}",
+    ]
+    lines += [f"note            {n}" for n in plan.notes]
+    return "\n".join(lines)

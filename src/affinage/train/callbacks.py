@@ -1,0 +1,85 @@
+"""Trainer callbacks: the few places where affinage hooks into the HF Trainer's loop."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import TrainerCallback
+
+from affinage.train import checkpoint as ckpt
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete once every rank has written it, then rotates old ones.
+
+    The Trainer's own rotation (``save_total_limit``) runs before we know the new checkpoint is
+    complete, so it is disabled and done here instead.
+    """
+
+    def __init__(self, checkpoints: Path, keep: int):
+        self.checkpoints = checkpoints
+        self.keep = keep
+
+    def on_save(self, args, state, control, **kwargs):
+        _barrier()
+        if state.is_world_process_zero:
+            path = self.checkpoints / f"checkpoint-{state.global_step}"
+            if path.is_dir():
+                ckpt.mark_complete(path, state.global_step)
+                ckpt.rotate(self.checkpoints, self.keep)
+        _barrier()
+        return control
+
+
+class MetricsFileCallback(TrainerCallback):
+    """Appends every log line to metrics.jsonl, so curves survive without TensorBoard."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        row = {"step": state.global_step, "epoch": state.epoch}
+        for k, v in logs.items():
+            if isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
+                row[k] = v
+        if "num_input_tokens_seen" in logs:
+            row["tokens"] = logs["num_input_tokens_seen"]
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+class StopRequestCallback(TrainerCallback):
+    """Stops cleanly at the end of the current optimizer step when a stop file appears.
+
+    A SLURM job traps its warning signal and creates the file (signals do not cross
+    torchrun/accelerate reliably); every rank sees the same shared file, so all ranks agree to save
+    a checkpoint at the same step and stop.
+    """
+
+    def __init__(self, stop_file: Path):
+        self.stop_file = stop_file
+        self.stopped_at: int | None = None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        requested = self.stop_file.exists()
+        if dist.is_available() and dist.is_initialized():
+            import torch
+
+            flag = torch.tensor([1 if requested else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            requested = bool(flag.item())
+        if requested and state.global_step < state.max_steps:
+            control.should_save = True
+            control.should_training_stop = True
+            self.stopped_at = state.global_step
+        return control

@@ -1,0 +1,237 @@
+"""Glue from a resolved recipe to the HF Trainer: no training loop of our own.
+
+affinage owns what the Trainer does not know: the recipe's global batch (turned into gradient
+accumulation for the actual world size), durations with units, loss on assistant tokens only
+(labels from ``affinage.data``), complete-or-ignored checkpoints, stop requests, and the run
+directory's metrics and summary.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from affinage.recipe.schema import Recipe
+from affinage.run import RunDir, atomic_write_json
+
+STOP_FILE = "STOP"
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def steps_for_duration(recipe: Recipe, n_samples: int, mean_tokens: float) -> int:
+    """Optimizer steps for the recipe's duration, given the training set actually built."""
+    d = recipe.training.duration
+    gbs = recipe.training.global_batch_size
+    if d.unit == "steps":
+        return int(d.value)
+    if d.unit == "epochs":
+        return max(1, math.ceil(d.value * n_samples / gbs))
+    return max(1, math.ceil(d.value / max(1.0, mean_tokens * gbs)))
+
+
+class SampleDataset(torch.utils.data.Dataset):
+    """Tokenized samples as the dicts the Trainer's collator expects."""
+
+    def __init__(self, samples: Sequence[Any]):
+        self.samples = samples
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        s = self.samples[i]
+        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int
+    max_steps: int
+    completed: bool
+    resumed_from: str | None
+    tokens_seen: int
+    loss_first: float | None
+    loss_last: float | None
+    eval_loss: float | None
+    seconds: float
+    world_size: int
+    gradient_accumulation: int
+    train_samples: int
+    heldout_samples: int
+    outputs: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool):
+    from transformers import TrainingArguments
+
+    t = recipe.training
+    on_gpu = torch.cuda.is_available()
+    bf16 = on_gpu and recipe.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
+    report = [r for r in t.report_to if r != "none"] or "none"
+    sched_kwargs: dict = {}
+    scheduler = t.lr_scheduler
+    if scheduler == "wsd":
+        scheduler = "warmup_stable_decay"
+        sched_kwargs = {"num_decay_steps": max(1, max_steps // 10)}
+    return TrainingArguments(
+        output_dir=str(run.checkpoints),
+        per_device_train_batch_size=t.micro_batch_size,
+        per_device_eval_batch_size=t.micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        max_steps=max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=sched_kwargs,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optimizer,
+        adam_beta1=t.adam_beta1,
+        adam_beta2=t.adam_beta2,
+        gradient_checkpointing=t.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        logging_steps=t.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if t.save_every else "no",
+        save_steps=t.save_every or 500,
+        save_total_limit=None,  # rotation happens after the COMPLETE marker (callbacks.py)
+        eval_strategy="steps" if (has_eval and t.eval_every) else "no",
+        eval_steps=t.eval_every,
+        seed=recipe.seed,
+        data_seed=recipe.seed,
+        bf16=bf16,
+        use_cpu=not on_gpu,
+        report_to=report,
+        run_name=recipe.name,
+        remove_unused_columns=False,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        ddp_find_unused_parameters=False if recipe.method.kind == "full" else None,
+        disable_tqdm=False,
+    )
+
+
+def train(recipe: Recipe, run: RunDir, *, resume: bool = True, world_size: int | None = None) -> TrainResult:
+    """Train ``recipe`` into ``run``; resume from the newest complete checkpoint when there is one."""
+    from transformers import Trainer
+
+    from affinage.data.collate import LossMaskCollator
+    from affinage.data.dataset import build_datasets
+    from affinage.model.load import load_model, load_tokenizer
+    from affinage.train import checkpoint as ckpt
+    from affinage.train.callbacks import CompleteCheckpointCallback, MetricsFileCallback, StopRequestCallback
+
+    start = time.time()
+    world_size = world_size or world_size_from_env()
+    accumulation = recipe.training.gradient_accumulation(world_size)
+    is_main = int(os.environ.get("RANK", "0")) == 0
+
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(run.tensorboard))
+    if "wandb" in recipe.training.report_to:
+        os.environ.setdefault("WANDB_MODE", "offline")
+        os.environ.setdefault("WANDB_DIR", str(run.root / "logs"))
+
+    tokenizer = load_tokenizer(recipe.model)
+    data = build_datasets(recipe, tokenizer)
+    if is_main:
+        atomic_write_json(run.data_stats, data.stats)
+    if not data.train:
+        raise RuntimeError("the training set is empty after reading and filtering: see data_stats.json")
+
+    mean_tokens = sum(len(s.input_ids) for s in data.train) / len(data.train)
+    max_steps = steps_for_duration(recipe, len(data.train), mean_tokens)
+
+    resume_from = None
+    if is_main:
+        stale = ckpt.remove_incomplete(run.checkpoints)
+        for p in stale:
+            print(f"affinage: removed incomplete checkpoint {p} (no {ckpt.MARKER} marker)")
+        (run.root / STOP_FILE).unlink(missing_ok=True)
+    if resume:
+        found = ckpt.newest_complete_checkpoint(run.checkpoints)
+        resume_from = str(found) if found else None
+    elif is_main and run.checkpoints.exists():
+        shutil.rmtree(run.checkpoints)
+    if is_main and resume_from is None:
+        run.metrics.unlink(missing_ok=True)
+
+    model = load_model(recipe)
+    args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=bool(data.heldout))
+    stop = StopRequestCallback(run.root / STOP_FILE)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=SampleDataset(data.train),
+        eval_dataset=SampleDataset(data.heldout) if data.heldout else None,
+        data_collator=LossMaskCollator(tokenizer, task=recipe.task),
+        processing_class=tokenizer,
+        callbacks=[
+            MetricsFileCallback(run.metrics),
+            CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
+            stop,
+        ],
+    )
+    if resume_from and is_main:
+        print(f"affinage: resuming from {resume_from}")
+    trainer.train(resume_from_checkpoint=resume_from)
+    completed = stop.stopped_at is None and trainer.state.global_step >= max_steps
+
+    eval_loss = None
+    if data.heldout and completed:
+        eval_loss = float(trainer.evaluate()["eval_loss"])
+
+    outputs: dict[str, str] = {"run_dir": str(run.root), "checkpoints": str(run.checkpoints)}
+    if completed:
+        _save_final(trainer, tokenizer, run, is_main)
+        outputs["final"] = str(run.final)
+    outputs["metrics"] = str(run.metrics)
+    outputs["tensorboard"] = str(run.tensorboard)
+
+    losses = [m["loss"] for m in run.read_metrics() if "loss" in m]
+    result = TrainResult(
+        run_dir=str(run.root),
+        steps=trainer.state.global_step,
+        max_steps=max_steps,
+        completed=completed,
+        resumed_from=resume_from,
+        tokens_seen=int(trainer.state.num_input_tokens_seen),
+        loss_first=losses[0] if losses else None,
+        loss_last=losses[-1] if losses else None,
+        eval_loss=eval_loss,
+        seconds=round(time.time() - start, 2),
+        world_size=world_size,
+        gradient_accumulation=accumulation,
+        train_samples=len(data.train),
+        heldout_samples=len(data.heldout),
+        outputs=outputs,
+    )
+    if is_main:
+        atomic_write_json(run.summary, {"recipe": recipe.name, "task": recipe.task, "method": recipe.method.kind, **result.as_dict()})
+    return result
+
+
+def _save_final(trainer, tokenizer, run: RunDir, is_main: bool) -> None:
+    """Save into a temporary folder and rename: ``final/`` is never half-written."""
+    tmp = run.root / "final.tmp"
+    if is_main and tmp.exists():
+        shutil.rmtree(tmp)
+    trainer.save_model(str(tmp))
+    if is_main:
+        tokenizer.save_pretrained(str(tmp))
+        if run.final.exists():
+            shutil.rmtree(run.final)
+        os.replace(tmp, run.final)
