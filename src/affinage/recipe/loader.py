@@ -1,0 +1,569 @@
+"""Read a YAML recipe into a validated :class:`~affinage.recipe.schema.Recipe`, with file:line errors.
+
+The steps, in order:
+
+1. **Parse** each file with a SafeLoader that remembers the line of every key and list item, per key
+   path (``("training", "global_batch_size")``, ``("data", "sources", 0, "path")``). Duplicate keys
+   are errors: plain YAML silently keeps the last one.
+2. **Compose**: a top-level ``base: other.yaml`` (relative to the file that names it) is loaded
+   first, recursively, and the child is deep-merged on top: mappings merge key by key, lists and
+   scalars of the child replace the base's. Each key keeps the line of the file that defined it.
+3. **Override**: ``--set path.to.key=value`` strings, the value read as YAML (``=1e-4``,
+   ``=[q_proj,v_proj]``, ``=true``; list items as ``data.sources.0.weight=2``). Paths are checked
+   against the schema before anything is set.
+4. **Resolve paths** (see :func:`_resolve_paths`); environment variables are *not* expanded, so
+   ``$DSDIR`` stays literal in the resolved recipe and is expanded on the machine that runs it.
+5. **Validate** with pydantic and turn every error into ``file:line: key.path: message``.
+
+Every problem the user can fix in the recipe surfaces as a :class:`RecipeError` whose text is the
+whole explanation (no traceback needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from affinage import __version__
+from affinage.recipe.schema import Recipe
+
+KeyPath = tuple[Union[str, int], ...]
+
+# YAML 1.1 reads ``1e-4`` as a string; researchers write learning rates that way. Teach both the
+# loader and the dumper (so that a string such as ``"1e5"`` is quoted when written back).
+_EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float."""
+
+
+class _Dumper(yaml.SafeDumper):
+    """SafeDumper that quotes strings :class:`_Loader` would read as floats."""
+
+
+for _cls in (_Loader, _Dumper):
+    _cls.add_implicit_resolver("tag:yaml.org,2002:float", _EXP_FLOAT, list("-+0123456789"))
+
+
+# ------------------------------------------------------------------------------------- errors
+@dataclass(frozen=True)
+class Origin:
+    """Where a value was written: a line of a file, a ``--set`` override, or a dict given in code."""
+
+    file: Optional[Path] = None
+    line: Optional[int] = None
+    override: Optional[str] = None
+
+    def __str__(self) -> str:
+        if self.override is not None:
+            return f"--set {self.override}"
+        if self.file is None:
+            return "<recipe dict>"
+        return f"{_show(self.file)}:{self.line}" if self.line else _show(self.file)
+
+    @property
+    def folder(self) -> Path:
+        """Folder that relative paths written here are relative to (the CWD for ``--set`` and dicts)."""
+        return self.file.parent if self.file else Path.cwd()
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a recipe, printed as ``where: key.path: message``."""
+
+    origin: Origin
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return ": ".join(part for part in (str(self.origin), self.key, self.message) if part)
+
+
+class RecipeError(Exception):
+    """A recipe that cannot be used; ``str()`` is the full, human explanation (one line per problem)."""
+
+    def __init__(self, problems: Sequence[Problem], source: str = "recipe"):
+        self.problems = list(problems)
+        self.source = source
+        super().__init__(self._text())
+
+    def _text(self) -> str:
+        if len(self.problems) == 1:
+            return str(self.problems[0])
+        lines = [f"{self.source}: {len(self.problems)} problems in the recipe:"]
+        return "\n".join(lines + [f"  {p}" for p in self.problems])
+
+
+def _show(path: Path) -> str:
+    """A path as the user would type it: relative to the CWD when under it."""
+    cwd = Path.cwd()
+    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
+
+
+def _dotted(path: KeyPath) -> str:
+    return ".".join(str(part) for part in path)
+
+
+# ---------------------------------------------------------------------------------- documents
+@dataclass
+class _Doc:
+    """Recipe data being assembled, with the origin of every key path set so far."""
+
+    data: dict
+    origins: dict[KeyPath, Origin]
+    files: list[Path] = field(default_factory=list)
+
+    def origin(self, path: KeyPath) -> Origin:
+        """Origin of ``path``, or of its nearest ancestor that has one (defaults have none)."""
+        for end in range(len(path), -1, -1):
+            if path[:end] in self.origins:
+                return self.origins[path[:end]]
+        return Origin()
+
+    def get(self, path: KeyPath) -> Any:
+        node: Any = self.data
+        for part in path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+                node = node[part]
+            else:
+                return None
+        return node
+
+    def replace(self, path: KeyPath, value: Any, origins: Mapping[KeyPath, Origin]) -> None:
+        """Set ``path`` (its parent must exist) and forget the origins of what it replaces."""
+        self.get(path[:-1])[path[-1]] = value
+        self.origins = {p: o for p, o in self.origins.items() if p[: len(path)] != path}
+        self.origins.update(origins)
+
+    def overlay(self, child: dict, origins: Mapping[KeyPath, Origin], path: KeyPath = ()) -> None:
+        """Deep-merge ``child`` on top: mappings merge recursively, anything else replaces."""
+        target = self.get(path)
+        for key, value in child.items():
+            sub = path + (key,)
+            if isinstance(value, dict) and isinstance(target.get(key), dict):
+                self.origins[sub] = origins[sub]  # the child's line: the file being edited
+                self.overlay(value, origins, sub)
+            else:
+                self.replace(sub, value, {p: o for p, o in origins.items() if p[: len(sub)] == sub})
+
+
+# ------------------------------------------------------------------------------------ parsing
+def _parse(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
+    """Read one YAML file into a mapping and the line of every key path in it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as e:
+        raise RecipeError([Problem(Origin(path), "", f"cannot read the file: {e}")]) from None
+    loader = _Loader(text)
+    try:
+        root = loader.get_single_node()
+        origins: dict[KeyPath, Origin] = {}
+        if root is not None:
+            origins[()] = Origin(path, root.start_mark.line + 1)
+            _record_lines(loader, root, (), path, origins)
+        data = loader.construct_document(root) if root is not None else None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        detail = e.problem or e.context or "cannot parse"
+        if e.context and e.problem:  # e.g. the line where an unclosed '[' was opened
+            detail += f" ({e.context}" + (f" started at line {e.context_mark.line + 1})" if e.context_mark else ")")
+        raise RecipeError([Problem(Origin(path, mark.line + 1 if mark else 1), "", f"YAML syntax error: {detail}")]) from None
+    finally:
+        loader.dispose()
+    if data is None:
+        raise RecipeError([Problem(Origin(path, 1), "", "the file is empty: a recipe needs at least name, task, model, data and training")])
+    if not isinstance(data, dict):
+        raise RecipeError([Problem(origins[()], "", f"the top level must be a mapping of keys (name:, task:, model:, ...), not a {type(data).__name__}")])
+    return data, origins
+
+
+def _record_lines(loader: _Loader, node: yaml.Node, path: KeyPath, file: Path, origins: dict[KeyPath, Origin]) -> None:
+    """Record the 1-based line of every mapping key and list item under ``node``; reject duplicate keys."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            origins[path + (i,)] = Origin(file, item.start_mark.line + 1)
+            _record_lines(loader, item, path + (i,), file, origins)
+    elif isinstance(node, yaml.MappingNode):
+        merge_tag = "tag:yaml.org,2002:merge"
+        for key_node, value_node in node.value:  # `<<: *anchor` keys first: the mapping's own keys win
+            if key_node.tag == merge_tag:
+                merged = value_node.value if isinstance(value_node, yaml.SequenceNode) else [value_node]
+                for mapping in merged:
+                    _record_lines(loader, mapping, path, file, origins)
+        first_line: dict[Any, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == merge_tag or not isinstance(key_node, yaml.ScalarNode):
+                continue  # non-scalar keys are rejected by the constructor, with their own mark
+            key = loader.construct_object(key_node)
+            line = key_node.start_mark.line + 1
+            if key in first_line:
+                raise RecipeError([Problem(Origin(file, line), _dotted(path + (key,)),
+                                           f"duplicate key {key!r} (first set at line {first_line[key]}); remove one of them")])
+            first_line[key] = line
+            origins[path + (key,)] = Origin(file, line)
+            _record_lines(loader, value_node, path + (key,), file, origins)
+
+
+def _read(path: Path, chain: tuple[Path, ...] = ()) -> _Doc:
+    """Load ``path`` and, recursively, the ``base:`` files under it."""
+    data, origins = _parse(path)
+    if "base" not in data:
+        return _Doc(data, origins, [path])
+    where = origins[("base",)]
+    base = data.pop("base")
+    del origins[("base",)]
+    if not isinstance(base, str) or not base:
+        raise RecipeError([Problem(where, "base", f"must be the path of another recipe file (got {base!r})")])
+    base_path = Path(os.path.abspath(path.parent / base))
+    if base_path in chain + (path,):
+        loop = " -> ".join(_show(p) for p in chain + (path, base_path))
+        raise RecipeError([Problem(where, "base", f"base recipes form a cycle: {loop}")])
+    if not base_path.is_file():
+        raise RecipeError([Problem(where, "base", f"base recipe {base!r} not found (looked for {_show(base_path)})")])
+    doc = _read(base_path, chain + (path,))
+    doc.overlay(data, origins)
+    doc.origins[()] = origins[()]
+    doc.files.insert(0, path)
+    return doc
+
+
+# ---------------------------------------------------------------------------------- schema walk
+def _members(annotation: Any) -> tuple[Any, ...]:
+    """The alternatives of an Optional/Union annotation (or the annotation itself)."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return typing.get_args(annotation)
+    return (annotation,)
+
+
+def _is_model(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _step(annotation: Any, part: Union[str, int]) -> Any:
+    """Annotation of ``part`` inside a value of type ``annotation``; None if the schema has no such key."""
+    for member in _members(annotation):
+        if isinstance(part, int) and typing.get_origin(member) is list:
+            return typing.get_args(member)[0]
+        if isinstance(part, str) and _is_model(member) and part in member.model_fields:
+            return member.model_fields[part].annotation
+    return None
+
+
+def _annotation_at(path: KeyPath) -> Any:
+    annotation: Any = Recipe
+    for part in path:
+        annotation = _step(annotation, part)
+        if annotation is None:
+            return None
+    return annotation
+
+
+def _model_at(path: KeyPath) -> Optional[type[BaseModel]]:
+    return next((m for m in _members(_annotation_at(path)) if _is_model(m)), None)
+
+
+def _all_field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, str]:
+    """``{field name: dotted path}`` for every nested field, to place a key written at the wrong level."""
+    found: dict[str, str] = {}
+    for name, info in model.model_fields.items():
+        found.setdefault(name, prefix + name)
+        for member in _members(info.annotation):
+            inner = typing.get_args(member)[0] if typing.get_origin(member) is list else member
+            if _is_model(inner) and name != "duration":  # a duration is written as text, not unit/value
+                for sub, dotted in _all_field_paths(inner, f"{prefix}{name}.").items():
+                    found.setdefault(sub, dotted)
+    return found
+
+
+def _unknown_key(path: KeyPath) -> str:
+    """Message for a key the schema does not have, with a did-you-mean and the valid keys."""
+    key, parent = str(path[-1]), path[:-1]
+    model = _model_at(parent)
+    valid = list(model.model_fields) if model else []
+    text = f"unknown key {key!r}."
+    close = difflib.get_close_matches(key, valid, n=1)
+    elsewhere = _all_field_paths().get(key)  # a key written at the wrong level
+    if close:
+        text += f" Did you mean {close[0]!r}?"
+    elif elsewhere:
+        text += f" Did you mean {elsewhere!r}{'' if '.' in elsewhere else ' (a top-level key)'}?"
+    where = f"in {_dotted(parent)}" if parent else "at the top level"
+    extra = ", base" if not parent else ""
+    return f"{text} Valid keys {where}: {', '.join(valid)}{extra}"
+
+
+def _literal_choices(annotation: Any) -> list[Any]:
+    return [c for m in _members(annotation) if typing.get_origin(m) is Literal for c in typing.get_args(m)]
+
+
+# ---------------------------------------------------------------------------------- overrides
+def _apply_override(doc: _Doc, text: str) -> None:
+    """Apply one ``path.to.key=value``; raise a RecipeError located at the ``--set`` if it can't be."""
+    here = Origin(override=text)
+    key, sep, raw = text.partition("=")
+    parts: KeyPath = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
+    if not sep or not all(str(p) for p in parts):
+        raise RecipeError([Problem(here, "", "expected --set path.to.key=value, e.g. --set training.learning_rate=1e-4")])
+    try:
+        value = yaml.load(raw, Loader=_Loader)
+    except yaml.YAMLError as e:
+        raise RecipeError([Problem(here, key, f"cannot read the value as YAML ({getattr(e, 'problem', e)})")]) from None
+    for depth in range(len(parts)):
+        parent, part = parts[:depth], parts[depth]
+        annotation = _annotation_at(parent)
+        if _step(annotation, part) is None:
+            if _model_at(parent) is not None:
+                raise RecipeError([Problem(here, _dotted(parts[: depth + 1]), _unknown_key(parts[: depth + 1]))])
+            if any(typing.get_origin(m) is list for m in _members(annotation)):
+                raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} is a list: select an item by its index, e.g. {_dotted(parent)}.0")])
+            raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} is a single value, not a section: set {_dotted(parent)} itself")])
+        node = doc.get(parent)
+        if isinstance(node, list):
+            if not isinstance(part, int) or not 0 <= part < len(node):
+                raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} has {len(node)} item(s); index {part} is out of range")])
+        elif not isinstance(node, dict):
+            raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} is {node!r}, not a mapping; set {_dotted(parent)} itself instead")])
+        elif depth < len(parts) - 1 and node.get(part) is None and _model_at(parts[: depth + 1]):
+            node[part] = {}  # e.g. method.lora.r=8 in a recipe without method:
+    doc.replace(parts, value, {parts: here})
+
+
+# ------------------------------------------------------------------------------- path resolution
+def _resolve_paths(doc: _Doc) -> None:
+    """Make relative file paths absolute, relative to the file (or ``--set``) that wrote them.
+
+    Rule: ``data.sources[*].path`` always; ``model.chat_template`` when it ends in ``.jinja``
+    (otherwise it names a built-in template); ``model.name_or_path`` and ``model.tokenizer`` only
+    when they start with ``./`` or ``../`` (otherwise they may be Hugging Face ids like
+    ``org/name``). A path written in a recipe file is relative to that file's folder (a base file's
+    folder for keys it defined); one given with ``--set`` or in a dict is relative to the CWD.
+    Absolute paths and paths starting with ``$`` or ``~`` are left as written: environment
+    variables are expanded where the recipe runs, not here. Paths need not exist yet.
+    """
+    local = ("./", "../")
+    candidates: list[tuple[KeyPath, bool]] = [
+        (("model", "chat_template"), str(doc.get(("model", "chat_template"))).endswith(".jinja")),
+        (("model", "name_or_path"), str(doc.get(("model", "name_or_path"))).startswith(local)),
+        (("model", "tokenizer"), str(doc.get(("model", "tokenizer"))).startswith(local)),
+    ]
+    sources = doc.get(("data", "sources"))
+    if isinstance(sources, list):
+        candidates += [(("data", "sources", i, "path"), True) for i, s in enumerate(sources) if isinstance(s, dict)]
+    for path, applies in candidates:
+        value = doc.get(path)
+        if applies and isinstance(value, str) and value and not os.path.isabs(value) and value[0] not in "$~":
+            doc.get(path[:-1])[path[-1]] = os.path.normpath(doc.origin(path).folder / value)
+
+
+# --------------------------------------------------------------------------------- validation
+_TYPE_TEXT = {
+    "int_parsing": "expected a whole number",
+    "int_type": "expected a whole number",
+    "int_from_float": "expected a whole number",
+    "float_parsing": "expected a number",
+    "float_type": "expected a number",
+    "bool_parsing": "expected true or false",
+    "bool_type": "expected true or false",
+    "string_type": "expected text (quote it if YAML reads it as a number or boolean)",
+    "model_type": "expected a mapping of keys",
+    "dict_type": "expected a mapping of keys",
+    "list_type": "expected a list",
+}
+_EXAMPLES = {
+    "name": "name: qwen05b-fr-sft",
+    "task": "task: sft",
+    "model": "model: {name_or_path: Qwen/Qwen2.5-0.5B-Instruct}",
+    "model.name_or_path": "name_or_path: Qwen/Qwen2.5-0.5B-Instruct",
+    "data": "data: {sources: [{path: data/train.jsonl, format: chat}]}",
+    "data.sources": "sources: [{path: data/train.jsonl, format: chat}]",
+    "data.sources.*.path": "path: data/train.jsonl",
+    "training": "training: {global_batch_size: 32, micro_batch_size: 4, duration: 200 steps}",
+    "training.global_batch_size": "global_batch_size: 32",
+    "training.duration": "duration: 200 steps",
+}
+
+
+def _short(value: Any) -> str:
+    text = "nothing" if value is None else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _schema_loc(loc: KeyPath) -> KeyPath:
+    """Drop pydantic's union tags (``'list[str]'``, ``"literal['all-linear']"``) from an error location."""
+    for end in range(len(loc), 0, -1):
+        if _annotation_at(loc[:end]) is not None:
+            return loc[:end]
+    return ()
+
+
+def _named_key(message: str, loc: KeyPath, doc: _Doc) -> KeyPath:
+    """The first key a model validator's message names that the recipe sets, else ``loc``.
+
+    Model validators compare several keys ("method.kind: qlora with model.init: random"); pointing at
+    the first one written in the recipe gives the user a line to edit rather than a whole section.
+    """
+    for token in re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*", message):
+        if not re.search(r"[._\[]", token):
+            continue  # plain words ("model", "data") are prose, not key paths
+        parts = tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]", token) if p)
+        for candidate in (parts, loc + parts):
+            if candidate in doc.origins:
+                return candidate
+    return loc
+
+
+def _problem(loc: KeyPath, errors: list[dict], doc: _Doc) -> Problem:
+    """Turn the pydantic errors at one location into a located, human message."""
+    kind, value = errors[0]["type"], errors[0].get("input")
+    if kind == "extra_forbidden":
+        return Problem(doc.origin(loc), _dotted(loc), _unknown_key(loc))
+    if kind == "missing":
+        key = _dotted(loc)
+        pattern = ".".join("*" if isinstance(p, int) else str(p) for p in loc)
+        info = _model_at(loc[:-1]).model_fields[str(loc[-1])]
+        hint = f"e.g. {_EXAMPLES[pattern]}" if pattern in _EXAMPLES else (info.description or "")
+        where = f"in {_dotted(loc[:-1])}" if loc[:-1] else "at the top level"
+        return Problem(doc.origin(loc[:-1]), key, f"missing required key {str(loc[-1])!r} {where}; {hint}".rstrip("; "))
+    if kind in ("value_error", "assertion_error"):
+        message = str(errors[0]["ctx"]["error"])
+        if isinstance(value, dict):  # raised by a model validator: find the key it is about
+            loc = _named_key(message, loc, doc)
+        return Problem(doc.origin(loc), _dotted(loc), message)
+    if kind in ("model_type", "dict_type") and value is None and loc:
+        parent = _model_at(loc[:-1])  # None for a list item
+        optional = parent is not None and not parent.model_fields[str(loc[-1])].is_required()
+        fix = "give it keys, or remove it to use the defaults" if optional else "give it keys"
+        return Problem(doc.origin(loc), _dotted(loc), f"is empty: {fix}")
+    if kind == "too_short":
+        return Problem(doc.origin(loc), _dotted(loc), f"needs at least {errors[0]['ctx']['min_length']} item(s)")
+    choices = [str(c) for c in _literal_choices(_annotation_at(loc))]
+    if kind == "literal_error" and len(errors) == 1:
+        text = f"invalid value {_short(value)}. Valid choices: {', '.join(choices)}"
+        close = difflib.get_close_matches(str(value).lower(), choices, n=1)
+        return Problem(doc.origin(loc), _dotted(loc), text + (f". Did you mean {close[0]!r}?" if close else ""))
+    messages = []  # several errors at one location: the alternatives of a union, e.g. a list or 'all-linear'
+    for error in errors:
+        if error["type"] == "literal_error":
+            messages.append(" or ".join(repr(c) for c in choices))
+        else:
+            messages.append(_TYPE_TEXT.get(error["type"], error["msg"][:1].lower() + error["msg"][1:]))
+    return Problem(doc.origin(loc), _dotted(loc), f"{' or '.join(dict.fromkeys(messages))}, got {_short(value)}")
+
+
+def _validate(doc: _Doc, source: str) -> Recipe:
+    try:
+        return Recipe.model_validate(doc.data)
+    except ValidationError as e:
+        grouped: dict[KeyPath, list[dict]] = {}
+        for error in e.errors(include_url=False):
+            loc = error["loc"] if error["type"] == "extra_forbidden" else _schema_loc(error["loc"])
+            grouped.setdefault(loc, []).append(error)
+        problems = [_problem(loc, errors, doc) for loc, errors in grouped.items()]
+        raise RecipeError(problems, source) from None
+
+
+# ------------------------------------------------------------------------------------ public API
+@dataclass
+class LoadedRecipe:
+    """A validated recipe and where it came from: the files read (recipe first, then its bases)."""
+
+    recipe: Recipe
+    files: list[Path]
+    overrides: list[str]
+
+
+def _finish(doc: _Doc, overrides: Sequence[str], world_size: Optional[int], source: str) -> LoadedRecipe:
+    """Steps shared by files and dicts: overrides, path resolution, validation, world-size check."""
+    if world_size is not None and world_size < 1:
+        raise ValueError(f"world_size must be >= 1 (got {world_size})")
+    problems = []
+    for text in overrides:
+        try:
+            _apply_override(doc, text)
+        except RecipeError as e:
+            problems += e.problems
+    if problems:
+        raise RecipeError(problems, source)
+    _resolve_paths(doc)
+    recipe = _validate(doc, source)
+    if world_size is not None:
+        try:
+            recipe.training.gradient_accumulation(world_size)
+        except ValueError as e:
+            key = ("training", "global_batch_size")
+            raise RecipeError([Problem(doc.origin(key), _dotted(key), str(e))], source) from None
+    return LoadedRecipe(recipe, doc.files, list(overrides))
+
+
+def load_recipe_with_sources(
+    path: Union[str, os.PathLike], overrides: Sequence[str] = (), world_size: Optional[int] = None
+) -> LoadedRecipe:
+    """Load, compose, override and validate a recipe file; also say which files and overrides made it.
+
+    ``world_size`` (number of training processes), when given, also checks that the global batch
+    splits evenly into micro-batches over that many processes.
+    """
+    file = Path(os.path.abspath(path))
+    if not file.is_file():
+        what = "is a folder, not a recipe file" if file.is_dir() else "not found"
+        raise RecipeError([Problem(Origin(file), "", f"recipe file {what}")])
+    return _finish(_read(file), overrides, world_size, _show(file))
+
+
+def load_recipe(
+    path: Union[str, os.PathLike], overrides: Sequence[str] = (), world_size: Optional[int] = None
+) -> Recipe:
+    """Load a recipe file; see :func:`load_recipe_with_sources`."""
+    return load_recipe_with_sources(path, overrides, world_size).recipe
+
+
+def load_recipe_dict(
+    data: Mapping[str, Any], overrides: Sequence[str] = (), world_size: Optional[int] = None
+) -> Recipe:
+    """Validate a recipe given as a dict (notebooks, tests) with the same rules and messages.
+
+    Relative paths are relative to the CWD; errors are located at ``<recipe dict>``. ``base:`` is
+    only read from files: compose in code with ``{**base, **changes}`` instead.
+    """
+    if "base" in data:
+        raise RecipeError([Problem(Origin(), "base", "is only read from recipe files; use load_recipe(path)")])
+    doc = _Doc(copy.deepcopy(dict(data)), {(): Origin()}, [])
+    return _finish(doc, overrides, world_size, "<recipe dict>").recipe
+
+
+def dump_resolved(recipe: Union[Recipe, LoadedRecipe]) -> str:
+    """The fully resolved recipe as YAML, loadable as a recipe: bases merged, overrides and defaults applied.
+
+    Written next to each run so that the exact settings are kept even if the recipe files change.
+    """
+    header = [f"# Resolved by affinage {__version__}: base files merged, --set overrides and defaults applied."]
+    if isinstance(recipe, LoadedRecipe):
+        header.append("# From: " + " <- ".join(str(f) for f in recipe.files))
+        header += [f"# --set {text}" for text in recipe.overrides]
+        recipe = recipe.recipe
+    data = recipe.model_dump(mode="json")
+    data["training"]["duration"] = str(recipe.training.duration)
+    body = yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return "\n".join(header) + "\n" + body
+
+
+def write_resolved(recipe: Union[Recipe, LoadedRecipe], path: Union[str, os.PathLike]) -> Path:
+    """Write :func:`dump_resolved` to ``path`` (folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_resolved(recipe), encoding="utf-8")
+    return path
