@@ -1,0 +1,152 @@
+"""Named templates (chatml, llama3, mistral), custom templates and CPT tokenization on a tokenizer
+trained in the test (on ../shared legal text when present, else on a few lines written here)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from affinage.data.errors import DataError
+from affinage.data.templates import (
+    IGNORE_INDEX,
+    NAMED_TEMPLATES,
+    decode_spans,
+    find_assistant_spans,
+    missing_markers,
+    render_loss_mask,
+    resolve_chat_template,
+    tokenize_chat,
+    tokenize_text,
+)
+
+SYSTEM = "Réponds en français, brièvement."
+CONV = [
+    {"role": "system", "content": SYSTEM},
+    {"role": "user", "content": "Où se trouve la préfecture ?"},
+    {"role": "assistant", "content": "Elle est près de la gare, à côté du théâtre."},
+    {"role": "user", "content": "Et l'hôpital ?"},
+    {"role": "assistant", "content": "L'hôpital est en face de la bibliothèque."},
+]
+ANSWERS = [m["content"] for m in CONV if m["role"] == "assistant"]
+USERS = [m["content"] for m in CONV if m["role"] == "user"]
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("chatml", [a + "<|im_end|>" for a in ANSWERS]),
+        ("llama3", [a + "<|eot_id|>" for a in ANSWERS]),
+        ("mistral", [" " + a + "</s>" for a in ANSWERS]),  # byte-level BPE keeps the space before the reply
+    ],
+)
+def test_named_template_masks_exactly_the_replies(trained_tokenizer, name, expected):
+    resolve_chat_template(trained_tokenizer, name)
+    assert trained_tokenizer.chat_template == NAMED_TEMPLATES[name]
+    sample = tokenize_chat(trained_tokenizer, CONV, max_length=2048)
+    runs = decode_spans(trained_tokenizer, sample)
+    assert runs == expected
+    for text in USERS + [SYSTEM]:
+        assert text not in "".join(runs)
+    unlabelled = trained_tokenizer.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab == IGNORE_INDEX])
+    assert all(text in unlabelled for text in USERS + [SYSTEM])
+
+
+def test_chatml_mask_render_is_readable(trained_tokenizer):
+    sample = tokenize_chat(trained_tokenizer, CONV, 2048, chat_template=NAMED_TEMPLATES["chatml"])
+    shown = render_loss_mask(trained_tokenizer, sample)
+    assert f"<|im_start|>assistant\n[[{ANSWERS[0]}<|im_end|>]]\n<|im_start|>user" in shown
+
+
+def test_no_template_is_a_clear_error(trained_tokenizer):
+    with pytest.raises(DataError, match=r"model my-base has no chat template; set model.chat_template: chatml"):
+        resolve_chat_template(trained_tokenizer, None, model_name="my-base")
+    with pytest.raises(DataError, match="no chat template"):
+        tokenize_chat(trained_tokenizer, CONV, 128)
+
+
+def test_template_from_jinja_file_and_unknown_name(trained_tokenizer, tmp_path):
+    path = tmp_path / "mine.jinja"
+    path.write_text(NAMED_TEMPLATES["chatml"], encoding="utf-8")
+    assert resolve_chat_template(trained_tokenizer, str(path)) == NAMED_TEMPLATES["chatml"]
+    assert trained_tokenizer.chat_template == NAMED_TEMPLATES["chatml"]
+    with pytest.raises(DataError, match=r"neither a named template \(chatml, llama3, mistral\)"):
+        resolve_chat_template(trained_tokenizer, "chatml2")
+
+
+def test_missing_markers_warn(trained_tokenizer):
+    assert missing_markers(trained_tokenizer, "chatml") == []
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    bare = Tokenizer(models.WordLevel({"<unk>": 0, "a": 1, "</s>": 2}, unk_token="<unk>"))
+    bare.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=bare, eos_token="</s>", unk_token="<unk>")
+    with pytest.warns(UserWarning, match=r"\['<\|im_start\|>', '<\|im_end\|>'\] are not single tokens"):
+        resolve_chat_template(tok, "chatml")
+
+
+def test_template_that_rerenders_earlier_turns(trained_tokenizer):
+    """Turns numbered 'k/total': every earlier header changes as the conversation grows, so P_i is
+    never a prefix of F_i. Spans are still found from the tail of the prompt."""
+    numbered = (
+        "{%- for m in messages %}{{- '### ' + m['role'] + ' ' + (loop.index|string) + '/' + (messages|length|string) + '\\n' + m['content'] + '</s>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '### assistant ' + ((messages|length + 1)|string) + '/' + ((messages|length + 1)|string) + '\\n' }}{%- endif %}"
+    )
+    text, spans = find_assistant_spans(trained_tokenizer, CONV, chat_template=numbered)
+    assert [text[a:b] for a, b in spans] == [a + "</s>" for a in ANSWERS]
+    sample = tokenize_chat(trained_tokenizer, CONV, 2048, chat_template=numbered)
+    assert decode_spans(trained_tokenizer, sample) == [a + "</s>" for a in ANSWERS]
+
+
+def test_template_that_loses_assistant_turns_names_template_and_turn(trained_tokenizer):
+    users_only = (
+        "{%- for m in messages %}{%- if m['role'] != 'assistant' %}{{- m['role'] + ': ' + m['content'] + '\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- 'assistant: ' }}{%- endif %}"
+    )
+    with pytest.raises(DataError, match=r"the given chat template: cannot find assistant turn 0 \(messages\[2\]\)"):
+        find_assistant_spans(trained_tokenizer, CONV, chat_template=users_only)
+
+
+def test_named_mistral_rejects_non_alternating(trained_tokenizer):
+    bad = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}]
+    with pytest.raises(DataError, match=r"chat template 'mistral' failed .*alternate"):
+        tokenize_chat(trained_tokenizer, bad, 64, chat_template=NAMED_TEMPLATES["mistral"])
+
+
+def test_truncation_inside_the_reply_keeps_partial_labels(trained_tokenizer):
+    full = tokenize_chat(trained_tokenizer, CONV[1:3], 2048, chat_template=NAMED_TEMPLATES["chatml"])
+    first = next(i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX)
+    cut = tokenize_chat(trained_tokenizer, CONV[1:3], first + 2, chat_template=NAMED_TEMPLATES["chatml"])
+    assert cut.truncated and cut.num_loss_tokens == 2
+    none_left = tokenize_chat(trained_tokenizer, CONV[1:3], first, chat_template=NAMED_TEMPLATES["chatml"])
+    assert none_left.num_loss_tokens == 0
+
+
+def test_tokenize_text_adds_bos_eos_and_chunks(trained_tokenizer):
+    text = "Le tribunal a rendu sa décision après une longue délibération. " * 6
+    ids = trained_tokenizer(text, add_special_tokens=False)["input_ids"]
+    samples = tokenize_text(trained_tokenizer, text, max_length=16)
+    flat = [t for s in samples for t in s.input_ids]
+    assert flat == [trained_tokenizer.bos_token_id] + ids + [trained_tokenizer.eos_token_id]
+    assert all(len(s.input_ids) <= 16 for s in samples)
+    assert all(s.labels == s.input_ids for s in samples)
+    assert len(samples) == -(-len(flat) // 16)
+    one = tokenize_text(trained_tokenizer, "Rennes.", max_length=64)
+    assert len(one) == 1 and not one[0].truncated
+
+
+def test_tokenize_text_without_bos(trained_tokenizer):
+    trained_tokenizer.bos_token = None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        samples = tokenize_text(trained_tokenizer, "Rennes est une ville.", max_length=64)
+    assert samples[0].input_ids[0] != trained_tokenizer.convert_tokens_to_ids("<s>")
+    assert samples[0].input_ids[-1] == trained_tokenizer.eos_token_id
+
+
+def test_label_rule_start_inside_or_straddling_span_start():
+    from affinage.data.templates import _labels_from_spans
+
+    offsets = [(0, 3), (3, 6), (6, 9), (9, 12), (12, 12), (14, 16)]
+    assert _labels_from_spans(offsets, [(4, 9), (12, 15)]) == [False, True, True, False, True, True]
