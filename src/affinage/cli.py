@@ -20,10 +20,14 @@ def _quiet_libraries() -> None:
     if not os.environ.get("CUDA_VISIBLE_DEVICES"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*")
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # per-shard load/save bars; affinage shows its own progress
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -114,8 +118,12 @@ def cmd_smoke(args) -> int:
 def cmd_merge(args) -> int:
     from affinage.merge import merge_run
 
-    report = merge_run(Path(args.run_dir), out_dir=args.out)
-    print(report)
+    r = merge_run(Path(args.run_dir), out_dir=args.out)
+    print(f"merged {r.adapter_dir} into {r.base} → {r.out_dir} ({r.dtype}, {r.total_parameters:,} parameters)")
+    print(f"parity: max |logit difference| merged vs adapter model = {r.max_abs_logit_diff:.2e} "
+          f"(tolerance {r.tolerance:.0e}, {r.check_tokens} tokens)")
+    if r.base_was_quantized:
+        print("note: the run trained on a 4-bit base; the merge uses the unquantised base, as it should")
     return 0
 
 

@@ -83,3 +83,46 @@ class StopRequestCallback(TrainerCallback):
             control.should_training_stop = True
             self.stopped_at = state.global_step
         return control
+
+
+class ProgressBarCallback(TrainerCallback):
+    """One progress bar with loss, learning rate and tokens/s in its postfix.
+
+    Replaces the Trainer's default, which prints a Python dict per logged step; a log file and
+    metrics.jsonl keep every number, the terminal keeps one readable line.
+    """
+
+    def __init__(self, desc: str = "train"):
+        self.desc = desc
+        self.bar = None
+        self.done = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step", dynamic_ncols=True)
+            self.done = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.done)
+            self.done = state.global_step
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.bar is None or not logs:
+            return
+        post = {}
+        if "loss" in logs:
+            post["loss"] = f"{logs['loss']:.4f}"
+        if "eval_loss" in logs:
+            post["eval"] = f"{logs['eval_loss']:.4f}"
+        if "learning_rate" in logs:
+            post["lr"] = f"{logs['learning_rate']:.2e}"
+        if post:
+            self.bar.set_postfix(post, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -102,8 +102,8 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
         optim=t.optimizer,
         adam_beta1=t.adam_beta1,
         adam_beta2=t.adam_beta2,
-        gradient_checkpointing=t.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+        activation_checkpointing=t.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         logging_steps=t.logging_steps,
         logging_first_step=True,
         save_strategy="steps" if t.save_every else "no",
@@ -125,15 +125,32 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
     )
 
 
-def train(recipe: Recipe, run: RunDir, *, resume: bool = True, world_size: int | None = None) -> TrainResult:
-    """Train ``recipe`` into ``run``; resume from the newest complete checkpoint when there is one."""
+def train(
+    recipe: Recipe,
+    run: RunDir,
+    *,
+    resume: bool = True,
+    world_size: int | None = None,
+    callbacks: Sequence[Any] = (),
+) -> TrainResult:
+    """Train ``recipe`` into ``run``; resume from the newest complete checkpoint when there is one.
+
+    ``callbacks`` are extra ``TrainerCallback`` objects (tests, integrations).
+    """
     from transformers import Trainer
+    from transformers.trainer_callback import ProgressCallback
 
     from affinage.data.collate import LossMaskCollator
     from affinage.data.dataset import build_datasets
+    from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer
     from affinage.train import checkpoint as ckpt
-    from affinage.train.callbacks import CompleteCheckpointCallback, MetricsFileCallback, StopRequestCallback
+    from affinage.train.callbacks import (
+        CompleteCheckpointCallback,
+        MetricsFileCallback,
+        ProgressBarCallback,
+        StopRequestCallback,
+    )
 
     start = time.time()
     world_size = world_size or world_size_from_env()
@@ -150,7 +167,12 @@ def train(recipe: Recipe, run: RunDir, *, resume: bool = True, world_size: int |
     if is_main:
         atomic_write_json(run.data_stats, data.stats)
     if not data.train:
-        raise RuntimeError("the training set is empty after reading and filtering: see data_stats.json")
+        t = data.stats.get("totals", {}).get("train", {})
+        raise DataError(
+            f"the training set is empty after reading and filtering ({t.get('truncated', 0)} samples truncated to "
+            f"data.max_length {recipe.data.max_length}, {t.get('dropped_no_loss', 0)} left without any assistant token): "
+            f"raise data.max_length or check the sources; details in {run.data_stats}"
+        )
 
     mean_tokens = sum(len(s.input_ids) for s in data.train) / len(data.train)
     max_steps = steps_for_duration(recipe, len(data.train), mean_tokens)
@@ -183,8 +205,11 @@ def train(recipe: Recipe, run: RunDir, *, resume: bool = True, world_size: int |
             MetricsFileCallback(run.metrics),
             CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
             stop,
+            *callbacks,
         ],
     )
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(ProgressBarCallback(desc=recipe.name))
     if resume_from and is_main:
         print(f"affinage: resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=resume_from)

@@ -1,0 +1,60 @@
+"""Fixtures every test package can use: the repository, ../shared (optional), tiny model folders."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO_DATA = REPO / "recipes" / "demo" / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+def shared_dir() -> Path | None:
+    """``../shared`` beside the checkout (real corpora and tokenizers), or None on a fresh clone."""
+    path = Path(os.environ.get("AFFINAGE_SHARED", REPO.parent / "shared"))
+    return path if (path / "data").is_dir() else None
+
+
+needs_shared = pytest.mark.skipif(
+    shared_dir() is None, reason="needs ../shared (real tokenizers/corpora), absent on a fresh clone"
+)
+
+
+def demo_texts(limit: int | None = None) -> list[str]:
+    """The project's own French text (shipped in recipes/demo/data), for tokenizers and corpora."""
+    texts: list[str] = []
+    for path in sorted(DEMO_DATA.glob("*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            rec = json.loads(line)
+            if "text" in rec:
+                texts.append(rec["text"])
+            elif "messages" in rec:
+                texts.extend(m["content"] for m in rec["messages"])
+            else:
+                texts.extend(str(v) for v in rec.values() if v)
+    return texts[:limit] if limit else texts
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> Path:
+    """A tiny random-init Llama with a BPE tokenizer trained on the demo text and a ChatML template."""
+    from affinage.data.templates import NAMED_TEMPLATES
+    from affinage.model.tiny import save_tiny_model_folder
+
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    return save_tiny_model_folder(
+        folder, model_type="llama", texts=demo_texts(), vocab_size=1024, seed=0, chat_template=NAMED_TEMPLATES["chatml"]
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_data() -> Path:
+    return DEMO_DATA
