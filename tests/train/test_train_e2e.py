@@ -15,7 +15,7 @@ from affinage.run import RunDir
 from affinage.train.trainer import STOP_FILE, train
 
 
-def write_recipe(tmp_path: Path, model_dir: Path, data: Path, *, task="sft", kind="lora", steps=8, extra="") -> Path:
+def write_recipe(tmp_path: Path, model_dir: Path, data: Path, *, task="sft", kind="lora", steps=8, extra="", records=48) -> Path:
     fmt = "chat" if task == "sft" else "text"
     method = {"lora": "method: {kind: lora, lora: {r: 8, alpha: 16, dropout: 0.0}}",
               "qlora": "method: {kind: qlora, lora: {r: 8, alpha: 16, dropout: 0.0}, quantization: {compute_dtype: float32}}",
@@ -27,18 +27,19 @@ seed: 7
 model: {{name_or_path: {model_dir}, dtype: float32}}
 {method}
 data:
-  sources: [{{path: {data}, format: {fmt}, max_records: 48}}]
+  sources: [{{path: {data}, format: {fmt}, max_records: {records}}}]
   max_length: 96
 training:
   global_batch_size: 4
   micro_batch_size: 2
   duration: {steps} steps
-  learning_rate: {"3e-3" if kind != "full" else "2e-3"}
+  learning_rate: {"1e-2" if kind != "full" else "2e-3"}
   lr_scheduler: constant
   report_to: [none]
 {extra}
 output: {{dir: {tmp_path / 'run'}}}
 """
+    tmp_path.mkdir(parents=True, exist_ok=True)
     path = tmp_path / "recipe.yaml"
     path.write_text(text, encoding="utf-8")
     return path
@@ -48,12 +49,12 @@ def losses(run: RunDir) -> list[float]:
     return [m["loss"] for m in run.read_metrics() if "loss" in m]
 
 
-def test_lora_sft_loss_decreases_and_saves_adapter_only(tmp_path, tiny_llama_dir, demo_data):
-    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, demo_data / "qa_culture.jsonl", steps=12))
+def test_lora_sft_loss_decreases_and_saves_adapter_only(tmp_path, pretrained_tiny_dir, demo_data):
+    recipe = load_recipe(write_recipe(tmp_path, pretrained_tiny_dir, demo_data / "qa_culture.jsonl", steps=16, records=16))
     run = RunDir.create(recipe.run_dir())
     result = train(recipe, run)
     ls = losses(run)
-    assert result.completed and result.steps == 12
+    assert result.completed and result.steps == 16
     assert sum(ls[-3:]) / 3 < sum(ls[:3]) / 3 - 0.1, ls
     assert (run.final / "adapter_config.json").exists()
     assert not (run.final / "model.safetensors").exists()
@@ -78,9 +79,9 @@ def test_full_cpt_loss_decreases_and_is_reproducible(tmp_path, tiny_llama_dir, d
     assert finals[0] == finals[1]  # same recipe, same seed: the same final loss on CPU
 
 
-def test_qlora_trains_on_cpu(tmp_path, tiny_llama_dir, demo_data):
+def test_qlora_trains_on_cpu(tmp_path, pretrained_tiny_dir, demo_data):
     pytest.importorskip("bitsandbytes")
-    recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, demo_data / "qa_culture.jsonl", kind="qlora", steps=10))
+    recipe = load_recipe(write_recipe(tmp_path, pretrained_tiny_dir, demo_data / "qa_culture.jsonl", kind="qlora", steps=16, records=16))
     run = RunDir.create(recipe.run_dir())
     result = train(recipe, run)
     ls = losses(run)
