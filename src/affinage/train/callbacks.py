@@ -96,6 +96,7 @@ class ProgressBarCallback(TrainerCallback):
         self.desc = desc
         self.bar = None
         self.done = 0
+        self.postfix: dict[str, str] = {}
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
@@ -112,7 +113,7 @@ class ProgressBarCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.bar is None or not logs:
             return
-        post = {}
+        post = self.postfix
         if "loss" in logs:
             post["loss"] = f"{logs['loss']:.4f}"
         if "eval_loss" in logs:
