@@ -35,7 +35,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from affinage.model.errors import ModelNotFoundError
     from affinage.recipe.loader import RecipeError
 
-    errors: list[type[BaseException]] = [RecipeError, DataError, ModelNotFoundError]
+    from affinage.errors import AffinageError
+
+    errors: list[type[BaseException]] = [AffinageError, RecipeError, DataError, ModelNotFoundError]
     try:
         from affinage.model.errors import ModelError
 

@@ -53,7 +53,7 @@ def smoke_recipe(recipe: Recipe, model_folder: Path, steps: int, run_dir: str) -
     )
     if d["training"]["optimizer"] == "adamw_torch_fused":
         d["training"]["optimizer"] = "adamw_torch"
-    d["data"]["max_length"] = min(recipe.data.max_length, 256)
+    d["data"]["max_length"] = min(recipe.data.max_length, 1024)
     d["data"]["heldout_fraction"] = min(recipe.data.heldout_fraction, 0.1)
     d["data"]["heldout_max"] = 8
     for src in d["data"]["sources"]:

@@ -130,6 +130,52 @@ class SourceSpec(Strict):
         return v
 
 
+class FilterSpec(Strict):
+    """Documents kept out of training before tokenization (counted per source in data_stats.json)."""
+
+    min_chars: int = Field(0, description="drop documents shorter than this (characters of text, or of all chat turns)")
+    max_chars: Optional[int] = Field(None, description="drop documents longer than this (characters)")
+    min_tokens: int = Field(0, description="drop documents with fewer tokens (whole document, before splitting/truncation)")
+    max_tokens: Optional[int] = Field(None, description="drop documents with more tokens (instead of truncating/splitting them)")
+    exact_dedup: bool = Field(False, description="drop exact duplicates (after NFC and whitespace normalisation), across all sources")
+    near_dedup: bool = Field(False, description="drop near-duplicates (MinHash LSH on word 5-grams, needs datasketch)")
+    near_dedup_threshold: float = Field(0.8, description="estimated Jaccard similarity above which a document is a near-duplicate")
+    near_dedup_num_perm: int = Field(128, description="MinHash permutations (more: more precise, slower)")
+    near_dedup_ngram: int = Field(5, description="word n-gram size of the MinHash shingles")
+
+    @field_validator("near_dedup_threshold")
+    @classmethod
+    def _threshold(cls, v: float) -> float:
+        if not 0 < v < 1:
+            raise ValueError(f"near_dedup_threshold must be in (0, 1) (got {v}); 0.8 is a common choice")
+        return v
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "FilterSpec":
+        if self.max_chars is not None and self.max_chars < self.min_chars:
+            raise ValueError(f"filters.max_chars {self.max_chars} is below min_chars {self.min_chars}")
+        if self.max_tokens is not None and self.max_tokens < self.min_tokens:
+            raise ValueError(f"filters.max_tokens {self.max_tokens} is below min_tokens {self.min_tokens}")
+        if self.near_dedup_num_perm < 16 or self.near_dedup_ngram < 1:
+            raise ValueError("filters.near_dedup_num_perm must be >= 16 and near_dedup_ngram >= 1")
+        return self
+
+
+class DecontaminationSpec(Strict):
+    """Training documents sharing a long word n-gram with an evaluation file."""
+
+    eval_files: list[str] = Field(min_length=1, description="evaluation files (.jsonl/.json/.parquet/txt folder; text, chat or alpaca)")
+    ngram: int = Field(13, description="words per n-gram (GPT-3 used 13); evaluation texts shorter than this are matched whole")
+    action: Literal["drop", "report"] = Field("drop", description="drop contaminated documents, or only count and list them")
+
+    @field_validator("ngram")
+    @classmethod
+    def _ngram(cls, v: int) -> int:
+        if v < 4:
+            raise ValueError(f"decontamination.ngram must be at least 4 words (got {v}); 13 is usual")
+        return v
+
+
 class DataSpec(Strict):
     sources: list[SourceSpec] = Field(min_length=1)
     max_length: int = Field(1024, description="sequence length in tokens; longer samples are truncated (SFT) or split (CPT)")
@@ -139,6 +185,29 @@ class DataSpec(Strict):
         "error", description="error: stop on the first malformed line; skip: count and report skipped lines"
     )
     shuffle: bool = True
+    packing: Literal["bfd", "concat", "none"] = Field(
+        "bfd",
+        description="bfd: best-fit-decreasing rows of samples that never attend to each other; concat (cpt only): "
+        "documents joined with EOS and cut into full rows; none: one sample per row",
+    )
+    document_mask: bool = Field(
+        True,
+        description="with packing: concat, restart positions at each document so documents do not attend to each "
+        "other; false: plain causal attention across the EOS-separated documents of a row (classic pretraining)",
+    )
+    cache_dir: Optional[str] = Field(
+        None, description="prepared-data cache root (default: $AFFINAGE_CACHE, else ~/.cache/affinage); use work storage on clusters"
+    )
+    num_proc: Optional[int] = Field(None, description="tokenization processes (default: the CPU cores this process may use)")
+    filters: FilterSpec = Field(default_factory=FilterSpec)
+    decontamination: Optional[DecontaminationSpec] = None
+
+    @field_validator("num_proc")
+    @classmethod
+    def _num_proc(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v <= 0:
+            raise ValueError(f"data.num_proc must be a positive integer (got {v})")
+        return v
 
     @field_validator("max_length")
     @classmethod
@@ -286,6 +355,11 @@ class Recipe(Strict):
             raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
         if self.training.eval_every and self.data.heldout_fraction == 0:
             raise ValueError("training.eval_every is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
+        if self.task == "sft" and self.data.packing == "concat":
+            raise ValueError(
+                "data.packing: concat with task: sft — concatenation cuts conversations at row boundaries; "
+                "use packing: bfd (whole samples, no attention between them) or none"
+            )
         if self.task == "cpt":
             for i, s in enumerate(self.data.sources):
                 if s.format in ("chat", "alpaca"):
@@ -296,4 +370,15 @@ class Recipe(Strict):
         return self
 
     def run_dir(self) -> str:
-        return self.output.dir.format(name=self.name)
+        """``output.dir`` with ``{name}``, ``~`` and environment variables (``$WORK``) expanded."""
+        import os
+
+        from affinage.errors import AffinageError
+
+        path = os.path.expanduser(os.path.expandvars(self.output.dir.format(name=self.name)))
+        if "$" in path:
+            raise AffinageError(
+                f"output.dir {self.output.dir!r} uses an environment variable that is not set here ({path}): "
+                "set it (e.g. export WORK=/path/to/storage) or pass --run-dir / --set output.dir=..."
+            )
+        return path
