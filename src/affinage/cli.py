@@ -82,10 +82,14 @@ def cmd_train(args) -> int:
     from affinage.run import RunDir
     from affinage.train.trainer import train, world_size_from_env
 
-    recipe = _load(args, world_size=world_size_from_env())
+    from affinage.recipe.loader import load_recipe_with_sources
+
+    loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=world_size_from_env())
+    recipe = loaded.recipe
     run = RunDir.create(args.run_dir or recipe.run_dir())
-    if int(os.environ.get("RANK", "0")) == 0:
-        write_resolved(recipe, run.recipe)
+    same_file = Path(args.recipe).resolve() == run.recipe.resolve()
+    if int(os.environ.get("RANK", "0")) == 0 and not (same_file and not args.set):
+        write_resolved(loaded, run.recipe)  # keep the submit-time copy when a job trains from it
     result = train(recipe, run, resume=not args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:
         print(format_summary(result))
@@ -115,6 +119,19 @@ def cmd_smoke(args) -> int:
     result = run_smoke(recipe, steps=args.steps, run_dir=args.run_dir)
     print(format_summary(result))
     return 0 if result.completed else 1
+
+
+def cmd_prepare(args) -> int:
+    from affinage.data.prepare import format_prepare_summary, prepare
+    from affinage.run import RunDir, atomic_write_json
+
+    recipe = _load(args)
+    cache = prepare(recipe, num_proc=args.num_proc, force=args.force)
+    run = RunDir.create(args.run_dir or recipe.run_dir())
+    atomic_write_json(run.data_stats, {**cache.stats, "cache": str(cache.path)})
+    print(format_prepare_summary(cache))
+    print(f"statistics      {run.data_stats}")
+    return 0
 
 
 def cmd_merge(args) -> int:
@@ -156,11 +173,59 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--run-dir", help="run directory (default: <recipe run dir>-smoke)")
     c.set_defaults(func=cmd_smoke)
 
+    c = recipe_cmd("prepare", "read, filter, tokenize and pack the recipe's data into the cache train reads (CPU, once)")
+    c.add_argument("--num-proc", type=int, help="tokenization processes (default: data.num_proc, else all cores)")
+    c.add_argument("--force", action="store_true", help="rebuild even if the cache already holds this data")
+    c.add_argument("--run-dir", help="run directory for data_stats.json (default: the recipe's output.dir)")
+    c.set_defaults(func=cmd_prepare)
+
     c = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model (safetensors)")
     c.add_argument("run_dir", help="run directory of a finished LoRA/QLoRA run")
     c.add_argument("--out", help="output folder (default: RUN_DIR/merged)")
     c.set_defaults(func=cmd_merge)
+    from affinage.slurm.cli import add_commands
+
+    add_commands(sub)
+
+    c = sub.add_parser("eval", help="evaluate a run (fine-tuned vs base) or a model folder; writes eval/ and report.md")
+    c.add_argument("target", help="run directory, model folder, or a model id found offline")
+    c.add_argument("--tasks", help="comma-separated kinds (perplexity,mcq,generation,lm_eval) or set names (default: all)")
+    c.add_argument("--spec", help="YAML file with an eval section (default: the run's recipe eval:)")
+    c.add_argument("--ppl", action="append", default=[], metavar="NAME=PATH", help="held-out text to score (repeatable)")
+    c.add_argument("--forgetting", action="append", default=[], metavar="NAME=PATH", help="general text that should not get worse (repeatable)")
+    c.add_argument("--mcq", action="append", default=[], metavar="NAME=PATH", help="multiple-choice JSONL items (repeatable)")
+    c.add_argument("--prompts", metavar="PATH", help="prompts to complete (.txt, one per line, or .jsonl with 'prompt')")
+    c.add_argument("--base", help="model to compare with (default: the run's base model)")
+    c.add_argument("--no-base", action="store_true", help="evaluate only the fine-tuned model")
+    c.add_argument("--out", help="output folder (default: the run directory, or ./eval-<model> for a model folder)")
+    c.add_argument("--limit", type=int, help="only the first N records/items/prompts of each set (quick check)")
+    c.add_argument("--batch-size", type=int)
+    c.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
+    c.set_defaults(func=cmd_eval)
+
+    c = sub.add_parser("card", help="rewrite a run's provenance.json, model card, AI Act summary and report.md")
+    c.add_argument("run_dir", help="run directory")
+    c.set_defaults(func=cmd_card)
     return p
+
+
+def cmd_eval(args) -> int:
+    from affinage.eval.runner import adhoc_spec, format_results, load_spec_file, run_eval
+
+    spec = load_spec_file(args.spec) if args.spec else adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts)
+    results = run_eval(args.target, spec=spec, tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
+                       compare_base=False if args.no_base else None, out_dir=args.out, limit=args.limit,
+                       batch_size=args.batch_size, device=args.device)
+    print(format_results(results))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from affinage.provenance import regenerate
+
+    for what, path in regenerate(args.run_dir).items():
+        print(f"{what:<15} {path}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

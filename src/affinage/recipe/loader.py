@@ -27,6 +27,7 @@ import os
 import re
 import types
 import typing
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -545,6 +546,11 @@ def load_recipe_dict(
     return _finish(doc, overrides, world_size, "<recipe dict>").recipe
 
 
+def _comment_safe(text: str) -> str:
+    """One YAML comment line whatever the text holds (a newline in a --set value would end the comment)."""
+    return "".join(ch.encode("unicode_escape").decode("ascii") if unicodedata.category(ch) == "Cc" else ch for ch in text)
+
+
 def dump_resolved(recipe: Union[Recipe, LoadedRecipe]) -> str:
     """The fully resolved recipe as YAML, loadable as a recipe: bases merged, overrides and defaults applied.
 
@@ -552,8 +558,8 @@ def dump_resolved(recipe: Union[Recipe, LoadedRecipe]) -> str:
     """
     header = [f"# Resolved by affinage {__version__}: base files merged, --set overrides and defaults applied."]
     if isinstance(recipe, LoadedRecipe):
-        header.append("# From: " + " <- ".join(str(f) for f in recipe.files))
-        header += [f"# --set {text}" for text in recipe.overrides]
+        header.append("# From: " + " <- ".join(_comment_safe(str(f)) for f in recipe.files))
+        header += [f"# --set {_comment_safe(text)}" for text in recipe.overrides]
         recipe = recipe.recipe
     data = recipe.model_dump(mode="json")
     data["training"]["duration"] = str(recipe.training.duration)
@@ -563,7 +569,8 @@ def dump_resolved(recipe: Union[Recipe, LoadedRecipe]) -> str:
 
 def write_resolved(recipe: Union[Recipe, LoadedRecipe], path: Union[str, os.PathLike]) -> Path:
     """Write :func:`dump_resolved` to ``path`` (folders created); returns the path."""
+    from affinage.run import atomic_write_text
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_resolved(recipe), encoding="utf-8")
+    atomic_write_text(path, dump_resolved(recipe))
     return path

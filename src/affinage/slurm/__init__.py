@@ -1,0 +1,1 @@
+"""SLURM clusters: profiles (configs/clusters), sbatch scripts (templates in slurm/), submission, status."""
