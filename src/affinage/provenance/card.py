@@ -1,0 +1,265 @@
+"""Model card: ``README.md`` in the exported model folders (``final/``, ``merged/``), Hugging Face format.
+
+YAML metadata first (``language``, ``license``, ``base_model`` and ``base_model_relation``,
+``library_name``, ``pipeline_tag``, ``tags``, ``co2_eq_emissions``, ``model-index`` with the
+evaluation results), then the card: summary, intended use, training data with licences, training
+setup, evaluation (base vs fine-tuned), environmental impact, limitations, provenance. Everything
+comes from the manifest and the evaluation results; what only the releaser knows (licence,
+intended use) comes from the recipe's ``card:`` section or is marked ``[TO COMPLETE: …]``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Optional
+
+import yaml
+
+TODO = "**[TO COMPLETE: {}]**"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+def todo(what: str) -> str:
+    return TODO.format(what)
+
+
+def _hf_id(name: Optional[str]) -> Optional[str]:
+    return name if name and _HF_ID.match(name) and not name.startswith((".", "/", "~", "$")) else None
+
+
+def _cell(x: Any) -> str:
+    return " ".join(str(x).split()).replace("|", "\\|") if x not in (None, "") else "—"
+
+
+def _num(x: Optional[float], unit: str = "") -> str:
+    if x is None:
+        return "unknown"
+    return f"{x:.3g}{unit}"
+
+
+def metadata(manifest: dict, results: Optional[dict], *, folder: str = "final") -> dict:
+    run, base, card = manifest["run"], manifest["base_model"], (manifest["recipe"]["resolved"].get("card") or {})
+    method = run["method"]
+    meta: dict[str, Any] = {"language": card.get("language") or ["fr"]}
+    if card.get("license"):
+        meta["license"] = card["license"]
+    hf_base = _hf_id(base.get("name_or_path")) if base.get("init") != "random" else None
+    if hf_base:
+        meta["base_model"] = hf_base
+        meta["base_model_relation"] = "merge" if folder == "merged" else ("adapter" if method in ("lora", "qlora") else "finetune")
+    meta["library_name"] = "peft" if (folder == "final" and method in ("lora", "qlora")) else "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    meta["tags"] = ["affinage", "french", run["task"], method] + (["merged"] if folder == "merged" else [])
+    en = manifest.get("energy") or {}
+    if en.get("co2e_g") is not None:
+        gpus = (manifest.get("hardware") or {}).get("gpus") or []
+        hw = f"{en.get('devices', 1)} × {gpus[0]['name']}" if gpus else "CPU"
+        meta["co2_eq_emissions"] = {
+            "emissions": float(f"{en['co2e_g']:.3g}"),
+            "source": "affinage estimate: " + en["summary"],
+            "training_type": "pre-training" if base.get("init") == "random" else "fine-tuning",
+            "geographical_location": en.get("location", "France"),
+            "hardware_used": hw,
+        }
+    index_results = []
+    for e in (results or {}).get("perplexity", []):
+        t = e.get("tuned") or {}
+        index_results.append({
+            "task": {"type": "text-generation", "name": "Language modelling (held-out text)"},
+            "dataset": {"type": e["name"], "name": f"{e['name']} ({e['role']})"},
+            "metrics": [{"type": "bits_per_byte", "value": round(t["bits_per_byte"], 4), "name": "bits per byte"},
+                        {"type": "perplexity", "value": round(t["token_perplexity"], 3), "name": "token perplexity"}],
+        })
+    for e in (results or {}).get("mcq", []):
+        t = e.get("tuned") or {}
+        index_results.append({
+            "task": {"type": "multiple-choice", "name": "Multiple choice (log-likelihood)"},
+            "dataset": {"type": e["name"], "name": f"{e['name']} ({e['items']} items, {e['num_fewshot']}-shot)"},
+            "metrics": [{"type": "accuracy", "value": round(t["acc"], 4), "name": "acc"},
+                        {"type": "accuracy", "value": round(t["acc_norm"], 4), "name": "acc_norm"}],
+        })
+    if index_results:
+        meta["model-index"] = [{"name": run["name"], "results": index_results}]
+    return meta
+
+
+def render(manifest: dict, results: Optional[dict] = None, *, folder: str = "final") -> str:
+    """The model card text for the ``folder`` (``final`` or ``merged``) of the run."""
+    run, base = manifest["run"], manifest["base_model"]
+    card = manifest["recipe"]["resolved"].get("card") or {}
+    recipe = manifest["recipe"]["resolved"]
+    comp, en, sw = manifest.get("compute") or {}, manifest.get("energy") or {}, manifest.get("software") or {}
+    hw = manifest.get("hardware") or {}
+    meta = metadata(manifest, results, folder=folder)
+    lines = ["---", yaml.safe_dump(meta, allow_unicode=True, sort_keys=False).rstrip(), "---", ""]
+    lines.append(f"# {run['name']}" + (" (merged)" if folder == "merged" else ""))
+    lines.append("")
+    if run.get("description"):
+        lines += [run["description"], ""]
+    git = sw.get("git") or {}
+    lines += [f"> Card generated by affinage {sw.get('affinage')}"
+              + (f" (commit {git['commit'][:12]}{', with local changes' if git.get('dirty') else ''})" if git.get("commit") else "")
+              + f" from the run's files on {manifest['created'][:10]}. Fields marked **[TO COMPLETE]** need the releaser's input.", ""]
+
+    base_txt = base.get("name_or_path")
+    if base.get("init") == "random":
+        base_txt = f"none: trained from a random initialisation of `{base_txt}` (seed {base.get('seed')})"
+    elif base.get("lineage"):
+        lin = base["lineage"]
+        own = ("trained from a random initialisation" if lin.get("base_init") == "random"
+               else f"itself fine-tuned from `{lin.get('base_model')}`")
+        base_txt = f"`{base_txt}`, the output of the affinage run `{lin['run']}` ({own})"
+    else:
+        base_txt = f"`{base_txt}`" + (f" at revision `{base['revision']}`" if base.get("revision") else "") \
+            + (f" (commit `{base['commit'][:12]}`)" if base.get("commit") else "")
+    lora = (recipe.get("method") or {}).get("lora") or {}
+    method = run["method"] + (f" (r {lora.get('r')}, alpha {lora.get('alpha')}, targets {lora.get('targets')})" if lora else "")
+    lines += ["## Model summary", "", "| | |", "|---|---|",
+              f"| base model | {base_txt} |",
+              f"| method | {method}; task `{run['task']}` ({'chat data, loss on assistant turns' if run['task'] == 'sft' else 'continued pre-training on raw text'}) |",
+              f"| parameters | {comp.get('parameters'):,} |" if comp.get("parameters") else "| parameters | unknown |",
+              f"| languages | {', '.join(meta['language'])} |",
+              f"| licence | {card.get('license') or todo('the model licence; it must respect the base model licence and the data licences below')} |",
+              f"| files | {'LoRA adapter: load it on the base model (peft)' if meta['library_name'] == 'peft' else 'full model weights (safetensors)'} |",
+              ""]
+
+    lines += ["## Intended use", "", card.get("intended_use") or todo("what the model is for and for whom"), ""]
+    lines += ["### Out-of-scope use", "", card.get("out_of_scope") or
+              "Decisions about people (legal, medical, financial, employment) without human review; any use where a "
+              "confident but wrong answer causes harm.", ""]
+
+    lines += ["## Training data", "",
+              "| source | records used | training tokens | licence | origin | language | sha256 |",
+              "|---|---:|---:|---|---|---|---|"]
+    for s in manifest.get("sources", []):
+        rec = (s.get("records") or {}).get("train_weighted")
+        tok = (s.get("tokens") or {}).get("train")
+        langs = ", ".join(f"{k} {v:.0%}" for k, v in list(((s.get("sample") or {}).get("language_share") or {}).items())[:3])
+        lines.append(f"| {_cell(s['name'])} | {rec if rec is not None else '—'} | {f'{tok:,}' if tok else '—'} | "
+                     f"{_cell(s.get('licence')) if s.get('licence') else '**none declared**'} | {_cell(s.get('origin'))} | "
+                     f"{langs or '—'} | `{(s.get('sha256') or '')[:12]}` |")
+    lines.append("")
+    flagged = [s for s in manifest.get("sources", []) if s.get("flags")]
+    for s in flagged:
+        lines.append(f"- ⚠ `{s['name']}`: " + "; ".join(s["flags"]))
+    if flagged:
+        lines.append("")
+    tot = manifest.get("totals") or {}
+    lines.append(f"{tot.get('tokens_train', 0):,} training tokens in all (records counted with their weights), "
+                 "held-out records kept out of training. Full hashes, filters and counts: `provenance.json` of the run.")
+    if base.get("lineage"):
+        lin = base["lineage"]
+        srcs = ", ".join(f"`{x['name']}` ({x.get('licence') or 'no licence'})" for x in lin.get("sources", []))
+        lines.append(f"\nThe base model was itself trained by affinage (run `{lin['run']}`) on: {srcs}.")
+    lines.append("")
+
+    t = recipe.get("training") or {}
+    gpus = hw.get("gpus") or []
+    hw_txt = (f"{comp.get('devices')} × {gpus[0]['name']}" if gpus else
+              (f"CPU ({hw.get('cpu')}, {hw.get('cpu_cores_visible')} cores)" if hw.get("device_kind") == "cpu" else "unknown"))
+    lines += ["## Training procedure", "", "| | |", "|---|---|",
+              f"| steps | {run.get('steps')} of {run.get('max_steps')} |",
+              f"| global batch | {t.get('global_batch_size')} sequences of up to {(recipe.get('data') or {}).get('max_length')} tokens |",
+              f"| duration | {t.get('duration')} |",
+              f"| optimiser | {t.get('optimizer')}, learning rate {t.get('learning_rate')}, {t.get('lr_scheduler')} schedule, "
+              f"warm-up {t.get('warmup_steps')} steps, weight decay {t.get('weight_decay')} |",
+              f"| seed | {recipe.get('seed')} |",
+              f"| tokens processed | {comp.get('tokens_trained'):,} |" if comp.get("tokens_trained") else "| tokens processed | unknown |",
+              f"| hardware | {hw_txt} |",
+              f"| training time | {_num(comp.get('train_seconds'), ' s')} ({comp.get('sessions') or 0} session(s)); "
+              + ("no GPU (CPU training) |" if comp.get("device_kind") == "cpu" else f"GPU-hours {_num(comp.get('gpu_hours'))} |"),
+              f"| training compute | {_num(comp.get('flops'), ' FLOP')} ({comp.get('flops_formula') or 'n/a'}) |",
+              f"| software | affinage {sw.get('affinage')}, " + ", ".join(
+                  f"{k} {v}" for k, v in (sw.get("libraries") or {}).items() if v and k in ("torch", "transformers", "peft", "trl")) + " |",
+              ""]
+
+    lines += ["## Evaluation", ""]
+    if results:
+        lines += _eval_lines(results)
+    else:
+        lines.append("Not evaluated yet: run `affinage eval RUN_DIR` (results and plots go to the run's `report.md`).")
+    lines.append("")
+
+    lines += ["## Environmental impact", ""]
+    if en.get("kwh") is not None:
+        lines.append(f"Training used about **{en['kwh']:.3g} kWh**, about **{en['co2e_g']:.3g} g CO2e** "
+                     f"({en['summary']}). Assumptions: " + "; ".join(en.get("assumptions", [])) + ". "
+                     "Only the training loop is counted (not data preparation, evaluation, or hardware manufacture).")
+    else:
+        lines.append("Unknown: the training time was not recorded.")
+    lines.append("")
+
+    lines += ["## Limitations", ""]
+    lims = list(card.get("limitations") or [])
+    lims += [
+        "The model inherits the limitations and biases of its base model and of the training data listed above.",
+        "It can state false facts fluently, including about law, history and institutions: it is not a source of "
+        "legal or professional advice, and answers about current law must be checked against official sources.",
+        "The evaluation covers only the sets reported here; it says little about other domains or languages.",
+    ]
+    if any(not s.get("licence") for s in manifest.get("sources", [])):
+        lims.append("Some training sources have no declared licence: check the rights before releasing the model.")
+    lines += [f"- {x}" for x in lims] + [""]
+
+    check = (manifest.get("ai_act") or {}).get("compute_check") or {}
+    lines += ["## Provenance and EU AI Act", "",
+              "- `provenance.json` (in the run directory): every data source with sha256, licence, origin, records and "
+              "tokens used, language share; the base model's file hashes; the resolved recipe; software, hardware and compute.",
+              "- `ai_act_summary.md`: a draft of the public summary of training content (Commission template, July 2025).",
+              f"- Compute check: {check.get('verdict', 'not computed')} (this run {_num(check.get('run_flops'), ' FLOP')}, "
+              f"threshold {_num(check.get('threshold'), ' FLOP')}: {check.get('threshold_rule', '')})"
+              + (f"; {check['note']}" if check.get("note") else "") + ". Not legal advice.",
+              ""]
+
+    lines += ["## How to use", "", "```python"]
+    if meta["library_name"] == "peft":
+        lines += ["from peft import AutoPeftModelForCausalLM",
+                  "from transformers import AutoTokenizer",
+                  "",
+                  'model = AutoPeftModelForCausalLM.from_pretrained("path/to/this/folder")  # loads the base named in adapter_config.json',
+                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
+    else:
+        lines += ["from transformers import AutoModelForCausalLM, AutoTokenizer",
+                  "",
+                  'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")',
+                  'tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")']
+    lines += ["```", ""]
+    return "\n".join(lines)
+
+
+def _eval_lines(results: dict) -> list[str]:
+    out = []
+    has_base = "base" in (results.get("models") or {})
+    ppl = results.get("perplexity") or []
+    if ppl:
+        out += ["Held-out text, bits per byte (lower is better)" + (", base → fine-tuned with the 95% bootstrap interval of the change:" if has_base else ":"), ""]
+        if has_base:
+            out += ["| set | role | base | fine-tuned | change | 95% interval |", "|---|---|---:|---:|---:|---|"]
+            for e in ppl:
+                r = e["delta"]["bits_per_byte"]["relative"]
+                out.append(f"| {e['name']} | {e['role']} | {e['base']['bits_per_byte']:.4f} | {e['tuned']['bits_per_byte']:.4f} | "
+                           f"{r['delta'] * 100:+.1f}% | [{r['ci_low'] * 100:+.1f}%, {r['ci_high'] * 100:+.1f}%] |")
+        else:
+            out += ["| set | role | bits per byte |", "|---|---|---:|"]
+            out += [f"| {e['name']} | {e['role']} | {e['tuned']['bits_per_byte']:.4f} |" for e in ppl]
+        out.append("")
+    items = results.get("mcq") or []
+    if items:
+        out += ["Multiple choice by log-likelihood (accuracy, higher is better):", ""]
+        if has_base:
+            out += ["| set | items | acc base → fine-tuned | change [95% interval] | acc_norm base → fine-tuned |",
+                    "|---|---:|---|---|---|"]
+            for e in items:
+                d = e["delta"]["acc"]
+                out.append(f"| {e['name']} | {e['items']} | {e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | "
+                           f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
+                           f"{e['base']['acc_norm']:.3f} → {e['tuned']['acc_norm']:.3f} |")
+        else:
+            out += ["| set | items | acc | acc_norm |", "|---|---:|---:|---:|"]
+            out += [f"| {e['name']} | {e['items']} | {e['tuned']['acc']:.3f} | {e['tuned']['acc_norm']:.3f} |" for e in items]
+        out.append("")
+    le = results.get("lm_eval")
+    if le and "skipped" in le:
+        out += [f"lm-evaluation-harness tasks ({', '.join(le.get('tasks', []))}): skipped, lm-eval not installed.", ""]
+    out.append("Plots, samples and every per-document score: the run's `report.md` and `eval/`.")
+    return out
