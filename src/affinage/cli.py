@@ -22,6 +22,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*")
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    # DeepSpeed still calls the torch.distributed collectives torch 2.13 renamed (one warning per call)
+    warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.distributed\..* is deprecated.*")
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
@@ -84,6 +86,17 @@ def cmd_train(args) -> int:
 
     from affinage.recipe.loader import load_recipe_with_sources
 
+    from affinage.dist.strategies import finish_distributed, launched
+
+    if args.nproc is not None and args.nproc < 1:
+        raise _usage_error("--nproc must be at least 1")
+    if launched() and args.nproc is not None and args.nproc != world_size_from_env():
+        raise _usage_error(f"--nproc {args.nproc} under a launcher that started {world_size_from_env()} processes: drop --nproc")
+    if not launched():
+        nproc = args.nproc or 1
+        loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=nproc)
+        if nproc > 1 or loaded.recipe.distributed.sharded:
+            return _relaunch_train(args, loaded.recipe, nproc)
     loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=world_size_from_env())
     recipe = loaded.recipe
     run = RunDir.create(args.run_dir or recipe.run_dir())
@@ -92,15 +105,48 @@ def cmd_train(args) -> int:
         write_resolved(loaded, run.recipe)  # keep the submit-time copy when a job trains from it
     result = train(recipe, run, resume=not args.fresh)
     if int(os.environ.get("RANK", "0")) == 0:
+        from affinage.provenance import write_run_provenance
+
+        for what, path in write_run_provenance(recipe, run, result).items():
+            result.outputs[what] = str(path)
         print(format_summary(result))
+    finish_distributed()  # every rank reaches this barrier before the process group goes away
     return 0 if result.completed else 3
+
+
+def _usage_error(message: str):
+    from affinage.errors import AffinageError
+
+    return AffinageError(message)
+
+
+def _relaunch_train(args, recipe, nproc: int) -> int:
+    """``affinage train --nproc N`` (or a sharded strategy on one process): check once, then torchrun."""
+    import torch
+
+    from affinage.dist.configs import model_hidden_size, render
+    from affinage.dist.launch import relaunch_train
+
+    # the strategy's config is rendered and checked (DeepSpeed's own parser) before any process starts
+    render(recipe, world_size=nproc, accumulation=recipe.training.gradient_accumulation(nproc),
+           on_gpu=torch.cuda.is_available(), hidden_size=model_hidden_size(recipe))
+    run_dir = os.path.abspath(args.run_dir or recipe.run_dir())
+    extra = [a for s in (args.set or ()) for a in ("--set", s)] + (["--fresh"] if args.fresh else [])
+    return relaunch_train(args.recipe, nproc, run_dir=run_dir, extra_args=extra)
 
 
 def cmd_plan(args) -> int:
     from affinage.plan import format_plan, make_plan
 
     recipe = _load(args, world_size=args.world_size)
-    plan = make_plan(recipe, world_size=args.world_size)
+    plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
+    if recipe.distributed.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload"):
+        from affinage.dist.configs import config_path, model_hidden_size, render
+
+        # the strategy's file, filled from the recipe and checked (DeepSpeed's own parser) as a GPU run would
+        render(recipe, world_size=args.world_size, accumulation=plan.gradient_accumulation, on_gpu=True,
+               hidden_size=model_hidden_size(recipe))
+        plan.notes.append(f"distributed config {config_path(recipe)}: filled from the recipe and checked")
     if args.json:
         print(json.dumps(plan.as_dict(), indent=2))
         return 0
@@ -143,6 +189,10 @@ def cmd_merge(args) -> int:
           f"(tolerance {r.tolerance:.0e}, {r.check_tokens} tokens)")
     if r.base_was_quantized:
         print("note: the run trained on a 4-bit base; the merge uses the unquantised base, as it should")
+    if args.out is None:
+        from affinage.provenance import regenerate
+
+        regenerate(args.run_dir)  # merged/ gets its own model card
     return 0
 
 
@@ -160,10 +210,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = recipe_cmd("train", "train a recipe here (CPU or one GPU; under torchrun for several)")
     c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
     c.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    c.add_argument("--nproc", type=int, help="processes (GPUs) on this machine: re-runs itself under torchrun "
+                   "(default 1; fsdp2/zero* recipes always run under torchrun)")
     c.set_defaults(func=cmd_train)
 
     c = recipe_cmd("plan", "check a recipe and print what it will do, without loading weights")
     c.add_argument("--world-size", type=int, default=1, help="number of GPUs/processes to plan for")
+    from affinage.dist.memory import GPU_MEMORY_GIB
+
+    c.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB), help="GPU kind: say whether each strategy fits its memory")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--show-recipe", action="store_true", help="print the resolved recipe too")
     c.set_defaults(func=cmd_plan)

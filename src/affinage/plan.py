@@ -29,6 +29,9 @@ class Plan:
     checkpoint_bytes: int
     dtype: str
     notes: list[str] = field(default_factory=list)
+    memory_by_strategy: dict[str, MemoryEstimate] = field(default_factory=dict)  # same run under each strategy
+    memory_full_finetune: MemoryEstimate | None = None  # LoRA recipes: the same run as a full fine-tune
+    gpu: str | None = None  # GPU kind the fit verdicts are for (affinage.dist.memory.GPU_MEMORY_GIB)
 
     def as_dict(self) -> dict:
         return {
@@ -44,6 +47,11 @@ class Plan:
             "steps_note": self.steps_note,
             "dtype": self.dtype,
             "memory_per_gpu": self.memory.as_dict(),
+            "strategy": self.recipe.distributed.strategy,
+            "memory_by_strategy": {k: v.as_dict() for k, v in self.memory_by_strategy.items()},
+            "memory_full_finetune": self.memory_full_finetune.as_dict() if self.memory_full_finetune else None,
+            "gpu": self.gpu,
+            "fits": {k: v.fit(self.gpu)[0] for k, v in self.memory_by_strategy.items()} if self.gpu else None,
             "checkpoint_bytes": self.checkpoint_bytes,
             "notes": self.notes,
         }
@@ -97,7 +105,17 @@ def _count_records(recipe: Recipe) -> int | None:
     return int(total)
 
 
-def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True) -> Plan:
+def _layer_params(model, layers: int) -> int | None:
+    """Parameters of one decoder layer (the first ModuleList as long as the model is deep)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.ModuleList) and len(m) == layers and layers > 0:
+            return sum(p.numel() for p in m[0].parameters())
+    return None
+
+
+def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu: str | None = None) -> Plan:
     from transformers import AutoConfig
 
     from affinage.model.resolve import resolve_model_path
@@ -133,21 +151,50 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True) -> P
         notes.append("dtype auto: bfloat16 assumed on GPU (float32 on CPU)")
     quant = recipe.method.kind == "qlora"
     hidden = getattr(config, "hidden_size", 0)
-    memory = estimate_memory(
+    layers = getattr(config, "num_hidden_layers", 0)
+    shape = dict(
         params_total=total,
-        params_trainable=trainable,
         params_linear=_linear_params(model),
         hidden=hidden,
         intermediate=getattr(config, "intermediate_size", 4 * hidden),
-        layers=getattr(config, "num_hidden_layers", 0),
+        layers=layers,
         vocab=getattr(config, "vocab_size", 0),
         seq_len=recipe.data.max_length,
         micro_batch=t.micro_batch_size,
         dtype=dtype,
-        quantized_4bit=quant,
         optimizer=t.optimizer,
         gradient_checkpointing=t.gradient_checkpointing,
+        world_size=world_size,
+        params_layer=_layer_params(model, layers),
     )
+    from affinage.dist.memory import STRATEGIES
+    from affinage.recipe.schema import DistributedSpec
+
+    def per_strategy(trainable_params: int, quantized: bool) -> dict[str, MemoryEstimate]:
+        out = {}
+        for name in STRATEGIES:
+            if name == "single" and world_size > 1:
+                continue
+            spec = recipe.distributed if name == recipe.distributed.strategy else DistributedSpec(strategy=name)
+            opt, params = spec.offloads()
+            out[name] = estimate_memory(**shape, params_trainable=trainable_params, quantized_4bit=quantized,
+                                        strategy=name, offload_optimizer=opt, offload_params=params)
+        return out
+
+    by_strategy = per_strategy(trainable, quant)
+    chosen = recipe.distributed.strategy
+    if chosen == "single" and world_size > 1:
+        notes.append("distributed.strategy single refuses several processes: use ddp, fsdp2 or zero*")
+        chosen = "ddp"
+    memory = by_strategy[chosen]
+    full_ft = per_strategy(total, False)[chosen] if recipe.method.kind == "lora" else None
+    if gpu is not None:
+        from affinage.dist.memory import GPU_MEMORY_GIB
+
+        if gpu not in GPU_MEMORY_GIB:
+            from affinage.errors import AffinageError
+
+            raise AffinageError(f"unknown GPU kind {gpu!r}; known: {', '.join(GPU_MEMORY_GIB)}")
     from affinage.dist.memory import DTYPE_BYTES
 
     b = DTYPE_BYTES[dtype]
@@ -170,6 +217,9 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True) -> P
         checkpoint_bytes=checkpoint,
         dtype=dtype,
         notes=notes,
+        memory_by_strategy=by_strategy,
+        memory_full_finetune=full_ft,
+        gpu=gpu,
     )
 
 
@@ -193,11 +243,39 @@ def format_plan(plan: Plan) -> str:
         f"tokens/step     ≤ {plan.tokens_per_step:,} (global batch × max_length {r.data.max_length})",
         f"duration        {r.training.duration} → "
         + (f"{plan.steps:,} optimizer steps ({plan.steps_note})" if plan.steps else plan.steps_note),
-        f"peak memory     ≈ {human_bytes(m.total)} per GPU (weights {human_bytes(m.weights)}, grads "
+        f"peak memory     ≈ {human_bytes(m.total)} per GPU with {r.distributed.strategy} (weights {human_bytes(m.weights)}, grads "
         f"{human_bytes(m.gradients)}, optimizer {human_bytes(m.optimizer)}, activations "
-        f"{human_bytes(m.activations)}, logits {human_bytes(m.logits)})",
+        f"{human_bytes(m.activations)}, logits {human_bytes(m.logits)})"
+        + (f"; {human_bytes(m.cpu_offloaded)} offloaded to CPU RAM per process" if m.cpu_offloaded else ""),
+        f"activations     {human_bytes(m.activations_full)} without, {human_bytes(m.activations_checkpointed)} with "
+        f"gradient checkpointing (now {'on' if r.training.gradient_checkpointing else 'off'}), per micro-batch of "
+        f"{r.training.micro_batch_size} × {r.data.max_length} tokens",
+        *_strategy_table(plan),
         f"checkpoint      ≈ {human_bytes(plan.checkpoint_bytes)} each, {r.training.keep_checkpoints} kept",
         f"run directory   {r.run_dir()}",
     ]
     lines += [f"note            {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _strategy_table(plan: Plan) -> list[str]:
+    """One row per strategy on this world size: memory per GPU by component, CPU offload, fit on ``plan.gpu``."""
+    if not plan.memory_by_strategy:
+        return []
+    head = f"{'strategy':<15} {'weights':>10} {'grads':>10} {'optimizer':>10} {'act+logits':>11} {'total/GPU':>10} {'CPU RAM':>9}"
+    if plan.gpu:
+        head += f"  fit on {plan.gpu}"
+    lines = [f"per strategy    {plan.world_size} process(es); estimates, see affinage.dist.memory", "  " + head]
+    chosen = plan.recipe.distributed.strategy
+    for name, m in plan.memory_by_strategy.items():
+        row = (f"{name + (' *' if name == chosen else ''):<15} {human_bytes(m.weights):>10} {human_bytes(m.gradients):>10} "
+               f"{human_bytes(m.optimizer):>10} {human_bytes(m.activations + m.logits):>11} {human_bytes(m.total):>10} "
+               f"{human_bytes(m.cpu_offloaded) if m.cpu_offloaded else '-':>9}")
+        if plan.gpu:
+            verdict, share = m.fit(plan.gpu)
+            row += f"  {verdict} ({100 * share:.0f}%)"
+        lines.append("  " + row)
+    if plan.memory_full_finetune is not None:
+        f = plan.memory_full_finetune
+        lines.append(f"  (a full fine-tune of this model under {f.strategy}: ≈ {human_bytes(f.total)} per GPU)")
+    return lines

@@ -59,6 +59,7 @@ def smoke_recipe(recipe: Recipe, model_folder: Path, steps: int, run_dir: str) -
     for src in d["data"]["sources"]:
         src["max_records"] = min(src.get("max_records") or 64, 64)
         src["weight"] = 1.0
+    d["data"]["cache_dir"] = str(Path(run_dir) / "cache")  # a throw-away run keeps its prepared data to itself
     d["output"]["dir"] = run_dir
     return Recipe.model_validate(d)
 

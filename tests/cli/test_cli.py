@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO
+from testlib import REPO
 
 DEMO_CPT = REPO / "recipes" / "demo" / "full" / "cpt.yaml"
 DEMO_SFT = REPO / "recipes" / "demo" / "lora" / "sft-qa.yaml"

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, needs_shared, shared_dir
+from testlib import REPO, needs_shared, shared_dir
 
 # Qwen2.5-7B-Instruct's published architecture (the shared folder has its tokenizer, not its config).
 QWEN25_7B_CONFIG = {

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import DEMO_DATA, shared_dir
+from testlib import DEMO_DATA, shared_dir
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,7 +12,7 @@ from affinage.provenance import write_run_provenance
 from affinage.recipe.loader import load_recipe, write_resolved
 from affinage.run import RunDir
 from affinage.train.trainer import train
-from conftest import DEMO_DATA, REPO
+from testlib import DEMO_DATA, REPO
 from eval_helpers import one_torch_thread  # noqa: F401 (autouse)
 
 BASE = REPO / "recipes" / "demo" / "full" / "base-general.yaml"

@@ -13,7 +13,7 @@ from affinage.eval.runner import run_eval
 from affinage.recipe.loader import load_recipe_dict
 from affinage.run import RunDir
 from affinage.train.trainer import train
-from conftest import shared_dir
+from testlib import shared_dir
 from eval_helpers import LAW_ITEMS, general_file, legal_file, texts, write_jsonl, one_torch_thread  # noqa: F401 (autouse)
 
 PNG = b"\x89PNG\r\n\x1a\n"

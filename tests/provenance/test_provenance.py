@@ -18,7 +18,7 @@ from affinage.provenance.secrets import REDACTED, scrub
 from affinage.recipe.loader import load_recipe_dict, write_resolved
 from affinage.run import RunDir
 from affinage.train.trainer import train
-from conftest import DEMO_DATA, needs_shared, shared_dir
+from testlib import DEMO_DATA, needs_shared, shared_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "eval"))
 from eval_helpers import legal_file, one_torch_thread, write_jsonl  # noqa: E402, F401 (autouse fixture)

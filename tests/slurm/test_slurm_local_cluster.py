@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import HARNESS, JOBS
+from slurm_helpers import HARNESS, JOBS
 
 from affinage.slurm.profiles import ProfileError
 from affinage.slurm.render import Stage

@@ -5,7 +5,7 @@ from __future__ import annotations
 import subprocess
 
 import pytest
-from conftest import write_recipe
+from slurm_helpers import write_recipe
 
 from affinage.recipe.loader import RecipeError, load_recipe
 from affinage.slurm.cli import main as slurm_main

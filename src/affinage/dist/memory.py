@@ -1,25 +1,55 @@
-"""Peak memory estimate per GPU, before anything is loaded.
+"""Peak memory estimate per GPU, per sharding strategy, before anything is loaded.
 
 A first-order model, stated so it can be checked against measured peaks (``affinage plan`` prints
-both the total and its parts):
+both the total and its parts). ``P`` parameters (``T`` trainable), ``b`` bytes per value of the
+load dtype, ``N`` processes (data-parallel world size):
 
 - weights: every parameter in the load dtype (QLoRA: Linear weights at 4 bits + a small
-  quantisation state, the rest in the compute dtype);
-- gradients: trainable parameters in the training dtype;
+  quantisation state, the rest in the compute dtype). Replicated under single/ddp/zero2; ``P·b/N``
+  under fsdp2/zero3, plus the *working set*: parameters gathered while a layer runs (the root unit
+  — embeddings, final norm, LM head — and two decoder layers: the one computing and the one
+  prefetched). With parameter offload the shards live in CPU RAM and only the working set is on
+  the GPU.
+- gradients: trainable parameters in the training dtype; ``/N`` when sharded (zero2, zero3,
+  fsdp2). With optimizer offload (DeepSpeed) they are moved to CPU RAM as fp32 partitions.
 - optimizer: AdamW keeps two states per trainable parameter (same dtype as the parameter; 1 byte
-  each for 8-bit optimizers), SGD none;
+  each for 8-bit optimizers), SGD none; ``/N`` under fsdp2. DeepSpeed keeps an fp32 master copy of
+  its partition plus fp32 states: ``12·T/N`` bytes for AdamW whatever the model dtype (measured on
+  CPU: exact). Offloaded: 0 on the GPU, the same bytes in CPU RAM.
 - activations: per layer and token, ``10·h + 5·i`` values kept for backward (attention projections,
   norms, gated MLP with intermediate size ``i``; flash/sdpa kernels keep no L×L score matrix); with
-  gradient checkpointing only each layer's input (``h``) plus one layer recomputed;
+  gradient checkpointing only each layer's input (``h``) plus one layer recomputed. They do not
+  depend on the strategy (each GPU runs its own micro-batch).
 - logits: ``micro_batch × seq × vocab`` in fp32, twice (softmax and its gradient): with 65k–150k
   vocabularies this is often the largest single term on small models.
+
+Not modelled: the CUDA context (~0.5–1 GiB), allocator fragmentation, communication buffers
+(ZeRO buckets, NCCL), temporary copies while saving. ``fits`` keeps a margin for them.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
+
+# Usable memory of the GPU kinds found on French and European clusters (GiB, as reported by the driver).
+GPU_MEMORY_GIB = {
+    "h200": 141,
+    "h100": 80,
+    "a100-80": 80,
+    "a100-40": 40,
+    "v100-32": 32,
+    "v100-16": 16,
+    "mi250x": 64,  # one GCD, as LUMI-G exposes it
+    "l40s": 48,
+    "a10": 24,
+    "rtx4090": 24,
+}
+CONTEXT_GIB = 1.0  # CUDA/ROCm context and libraries
+MARGIN = 0.10  # fragmentation and buffers not modelled
 
 
 @dataclass
@@ -29,13 +59,35 @@ class MemoryEstimate:
     optimizer: int
     activations: int
     logits: int
+    strategy: str = "ddp"
+    world_size: int = 1
+    working_set: int = 0  # part of ``weights``: parameters gathered while layers run (fsdp2/zero3)
+    cpu_weights: int = 0  # bytes per process in CPU RAM (offload), by component
+    cpu_gradients: int = 0
+    cpu_optimizer: int = 0
+    activations_checkpointed: int = 0  # the activation term with gradient checkpointing
+    activations_full: int = 0  # ... and without
 
     @property
     def total(self) -> int:
         return self.weights + self.gradients + self.optimizer + self.activations + self.logits
 
+    @property
+    def cpu_offloaded(self) -> int:
+        return self.cpu_weights + self.cpu_gradients + self.cpu_optimizer
+
     def as_dict(self) -> dict:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "cpu_offloaded": self.cpu_offloaded}
+
+    def fit(self, gpu: str) -> tuple[str, float]:
+        """(verdict, fraction of the GPU's usable memory): ``fits``, ``tight`` (within the margin) or ``does not fit``."""
+        capacity = (GPU_MEMORY_GIB[gpu] - CONTEXT_GIB) * 2**30
+        share = self.total / capacity
+        if share <= 1 - MARGIN:
+            return "fits", share
+        if share <= 1:
+            return "tight", share
+        return "does not fit", share
 
 
 def estimate_memory(
@@ -53,27 +105,87 @@ def estimate_memory(
     quantized_4bit: bool,
     optimizer: str,
     gradient_checkpointing: bool,
+    strategy: str = "ddp",
+    world_size: int = 1,
+    offload_optimizer: bool = False,
+    offload_params: bool = False,
+    params_layer: Optional[int] = None,
 ) -> MemoryEstimate:
+    """Bytes per GPU for one process of ``world_size`` running ``strategy`` (see the module doc).
+
+    ``params_layer``: parameters of one decoder layer (default: the non-embedding parameters / layers).
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
+    n = max(1, world_size)
     b = DTYPE_BYTES[dtype]
     if quantized_4bit:
-        weights = int(params_linear * 0.5 * 1.03) + (params_total - params_linear) * b
+        weights_full = int(params_linear * 0.5 * 1.03) + (params_total - params_linear) * b
     else:
-        weights = params_total * b
+        weights_full = params_total * b
     trainable_bytes = 4 if quantized_4bit else b  # LoRA adapters on a 4-bit base train in fp32
-    gradients = params_trainable * trainable_bytes
+
+    sharded_params = strategy in ("fsdp2", "zero3", "zero3_offload")
+    deepspeed = strategy in ("zero2", "zero3", "zero3_offload")
+    if strategy == "zero3_offload" and not (offload_optimizer or offload_params):
+        offload_optimizer = offload_params = True
+
+    # weights
+    cpu_w = cpu_g = cpu_o = working = 0
+    if sharded_params:
+        layer = params_layer if params_layer is not None else max(0, params_total - 2 * vocab * hidden) // max(1, layers)
+        root = max(0, params_total - layers * layer)
+        working = int((root + 2 * layer) * (weights_full / max(1, params_total)))
+        shard = weights_full // n
+        if quantized_4bit and strategy == "fsdp2":
+            # accelerate keeps bitsandbytes' uint8 4-bit storage out of fully_shard: replicated
+            packed = int(params_linear * 0.5 * 1.03)
+            shard = packed + (weights_full - packed) // n
+        if offload_params:
+            weights, cpu_w = working, shard
+        else:
+            weights = shard + working
+    else:
+        weights = weights_full
+
+    # gradients
+    grads_full = params_trainable * trainable_bytes
+    if deepspeed and offload_optimizer:
+        gradients, cpu_g = 0, params_trainable * 4 // n
+    elif strategy == "fsdp2" and offload_params:
+        gradients, cpu_g = 0, grads_full // n
+    elif strategy in ("zero2", "zero3", "zero3_offload", "fsdp2"):
+        gradients = grads_full // n
+    else:
+        gradients = grads_full
+
+    # optimizer states (+ DeepSpeed's fp32 master partition)
     if optimizer == "sgd":
-        optimizer_bytes = 0
+        per_param = 0
     elif "8bit" in optimizer:
-        optimizer_bytes = params_trainable * 2
+        per_param = 2
     else:
-        optimizer_bytes = params_trainable * 2 * trainable_bytes
+        per_param = 2 * (4 if deepspeed else trainable_bytes)
+    if deepspeed:
+        per_param += 4  # fp32 master copy of the partition
+    states = params_trainable * per_param
+    if strategy in ("single", "ddp"):
+        optimizer_bytes = states
+    elif (deepspeed and offload_optimizer) or (strategy == "fsdp2" and offload_params):
+        optimizer_bytes, cpu_o = 0, states // n
+    else:
+        optimizer_bytes = states // n
+
     tokens = micro_batch * seq_len
-    if gradient_checkpointing:
-        activations = tokens * hidden * b * layers + tokens * (10 * hidden + 5 * intermediate) * b
-    else:
-        activations = tokens * (10 * hidden + 5 * intermediate) * b * layers
+    act_ckpt = tokens * hidden * b * layers + tokens * (10 * hidden + 5 * intermediate) * b
+    act_full = tokens * (10 * hidden + 5 * intermediate) * b * layers
+    activations = act_ckpt if gradient_checkpointing else act_full
     logits = tokens * vocab * 4 * 2
-    return MemoryEstimate(weights, gradients, optimizer_bytes, activations, logits)
+    return MemoryEstimate(
+        weights, gradients, optimizer_bytes, activations, logits,
+        strategy=strategy, world_size=n, working_set=working, cpu_weights=cpu_w, cpu_gradients=cpu_g, cpu_optimizer=cpu_o,
+        activations_checkpointed=act_ckpt, activations_full=act_full,
+    )
 
 
 def human_bytes(n: float) -> str:

@@ -360,10 +360,20 @@ def _resolve_paths(doc: _Doc) -> None:
         (("model", "chat_template"), str(doc.get(("model", "chat_template"))).endswith(".jinja")),
         (("model", "name_or_path"), str(doc.get(("model", "name_or_path"))).startswith(local)),
         (("model", "tokenizer"), str(doc.get(("model", "tokenizer"))).startswith(local)),
+        (("distributed", "config"), doc.get(("distributed", "config")) is not None),  # own DeepSpeed/accelerate file
     ]
     sources = doc.get(("data", "sources"))
     if isinstance(sources, list):
         candidates += [(("data", "sources", i, "path"), True) for i, s in enumerate(sources) if isinstance(s, dict)]
+    ev = doc.get(("eval",))
+    if isinstance(ev, dict):  # evaluation files: relative to the recipe when written ./ or ../
+        for kind, keys in (("perplexity", ("path",)), ("mcq", ("path", "fewshot_path"))):
+            for i, s in enumerate(ev.get(kind) or []):
+                if isinstance(s, dict):
+                    candidates += [(("eval", kind, i, k), str(s[k]).startswith(local)) for k in keys if s.get(k)]
+        for sub, key in (("generation", "path"), ("lm_eval", "include_path")):
+            if isinstance(ev.get(sub), dict) and ev[sub].get(key):
+                candidates.append((("eval", sub, key), str(ev[sub][key]).startswith(local)))
     for path, applies in candidates:
         value = doc.get(path)
         if applies and isinstance(value, str) and value and not os.path.isabs(value) and value[0] not in "$~":

@@ -326,6 +326,178 @@ class OutputSpec(Strict):
     dir: str = Field("runs/{name}", description="run directory; {name} is the recipe name")
 
 
+# --------------------------------------------------------------------------------- distributed
+STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
+
+
+class DistributedSpec(Strict):
+    """How the model is spread over the processes (GPUs): the same recipe runs on 1 GPU, one node or many.
+
+    The process count comes from the launch (``affinage train --nproc N``, torchrun, SLURM), never from
+    here. Files: ``configs/deepspeed/<strategy>.json`` and ``configs/accelerate/fsdp2.yaml`` (see
+    ``affinage.dist``); batch sizes, accumulation, clipping, dtype and optimizer are always the recipe's.
+    """
+
+    strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload"] = Field(
+        "ddp",
+        description="single: one process, refused under several; ddp: a full replica per GPU (gradients averaged); "
+        "fsdp2: PyTorch FSDP2, parameters, gradients and optimizer states sharded; zero2: DeepSpeed ZeRO-2, "
+        "gradients and optimizer states sharded; zero3: DeepSpeed ZeRO-3, everything sharded; zero3_offload: "
+        "ZeRO-3 with optimizer states and parameters in CPU RAM",
+    )
+    offload_optimizer: Optional[bool] = Field(
+        None, description="optimizer states and step in CPU RAM (zero2, zero3; default true for zero3_offload)"
+    )
+    offload_params: Optional[bool] = Field(
+        None,
+        description="parameters in CPU RAM between uses (zero3; default true for zero3_offload); fsdp2: CPU offload "
+        "of parameters, gradients and the optimizer step together",
+    )
+    config: Optional[str] = Field(
+        None,
+        description="your own DeepSpeed JSON (zero*) or accelerate YAML (fsdp2) instead of the shipped one; values the "
+        "recipe owns (batch sizes, accumulation, clipping, dtype, optimizer) must be absent or \"auto\"",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "DistributedSpec":
+        s = self.strategy
+        if s in ("single", "ddp"):
+            for key in ("offload_optimizer", "offload_params"):
+                if getattr(self, key):
+                    raise ValueError(
+                        f"distributed.{key}: true with strategy {s} — a replicated model keeps everything on the GPU; "
+                        "use zero2/zero3/zero3_offload (or fsdp2 with offload_params) to offload"
+                    )
+            if self.config is not None:
+                raise ValueError(f"distributed.config is for fsdp2 and zero* strategies; {s} has no config file")
+        if s == "zero2" and self.offload_params:
+            raise ValueError(
+                "distributed.offload_params: true with strategy zero2 — ZeRO-2 keeps a full copy of the parameters on "
+                "every GPU; use zero3 (or zero3_offload) to offload parameters"
+            )
+        if s == "fsdp2" and self.offload_optimizer is not None and self.offload_optimizer != bool(self.offload_params):
+            raise ValueError(
+                "distributed.offload_optimizer with strategy fsdp2 — FSDP2 offloads parameters, gradients and the "
+                "optimizer step together: set offload_params: true (and leave offload_optimizer out)"
+            )
+        if s == "zero3_offload" and self.offload_optimizer is False and self.offload_params is False:
+            raise ValueError("strategy zero3_offload with both offloads false is zero3: write strategy: zero3")
+        return self
+
+    def offloads(self) -> tuple[bool, bool]:
+        """(optimizer, parameters) offloaded to CPU RAM, with the strategy's defaults applied."""
+        default = self.strategy == "zero3_offload"
+        opt = default if self.offload_optimizer is None else self.offload_optimizer
+        params = default if self.offload_params is None else self.offload_params
+        if self.strategy == "fsdp2":
+            opt = params
+        return bool(opt), bool(params)
+
+    @property
+    def sharded(self) -> bool:
+        """Whether the strategy needs a process group even on one process (FSDP2 and DeepSpeed)."""
+        return self.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload")
+
+
+# ---------------------------------------------------------------------------------- evaluation
+class PerplexitySetSpec(Strict):
+    """Held-out text scored by perplexity and bits per byte (``affinage eval``)."""
+
+    name: str = Field(description="label in the report, e.g. droit-heldout")
+    path: str = Field(description="a .jsonl/.json/.parquet file or a folder of .txt files; relative paths: from the current directory")
+    text_field: str = "text"
+    role: Literal["domain", "forgetting"] = Field(
+        "domain", description="domain: the text the training should improve; forgetting: general or other text that should not get much worse"
+    )
+    max_records: Optional[int] = Field(None, description="score only the first N records")
+
+
+class McqSetSpec(Strict):
+    """Multiple-choice items ``{"question", "choices": [...], "answer": index}`` scored by log-likelihood (lm-eval style)."""
+
+    name: str
+    path: str
+    role: Literal["domain", "forgetting"] = "domain"
+    num_fewshot: int = Field(0, ge=0, description="solved examples put before each question")
+    fewshot_path: Optional[str] = Field(None, description="items the examples are drawn from (default: the same file, never the item itself)")
+    template: str = Field("Question : {question}\nRéponse :", description="prompt; {question} is replaced")
+    max_items: Optional[int] = None
+
+
+class GenerationSpec(Strict):
+    """French prompts completed greedily (fixed seed) by both models, shown in the report."""
+
+    prompts: list[str] = Field(default_factory=list, description="prompts written here")
+    path: Optional[str] = Field(None, description="more prompts: a .jsonl with a 'prompt' field, or a .txt file with one prompt per line")
+    max_new_tokens: int = Field(48, ge=1, le=4096)
+
+
+class LmEvalSpec(Strict):
+    """lm-evaluation-harness tasks from local task folders (needs the lm-eval extra; skipped with a message otherwise)."""
+
+    tasks: list[str] = Field(min_length=1)
+    include_path: Optional[str] = Field(None, description="folder of task YAML files (french_bench style, data read from local files)")
+    num_fewshot: Optional[int] = None
+    limit: Optional[int] = Field(None, description="at most N documents per task (quick checks)")
+
+
+class EvalSpec(Strict):
+    """What ``affinage eval RUN_DIR`` measures, on the fine-tuned model and on its base."""
+
+    perplexity: list[PerplexitySetSpec] = Field(default_factory=list)
+    mcq: list[McqSetSpec] = Field(default_factory=list)
+    generation: Optional[GenerationSpec] = None
+    lm_eval: Optional[LmEvalSpec] = None
+    compare_base: bool = Field(True, description="evaluate the base model too and report differences with confidence intervals")
+    base: Optional[str] = Field(None, description="model to compare with (default: the recipe's model.name_or_path)")
+    max_length: Optional[int] = Field(None, description="tokens per scoring window (default: data.max_length of the recipe)")
+    batch_size: int = Field(8, ge=1)
+    bootstrap: int = Field(2000, ge=100, description="bootstrap resamples for confidence intervals")
+    confidence: float = Field(0.95, gt=0.5, lt=1)
+    seed: int = 1234
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "EvalSpec":
+        names = [s.name for s in self.perplexity] + [s.name for s in self.mcq]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"evaluation set names must be unique (repeated: {', '.join(dup)})")
+        return self
+
+
+# ---------------------------------------------------------------------------------------- card
+class SourceCardSpec(Strict):
+    """What the manifest cannot find out about a data source (also readable from a sidecar file)."""
+
+    category: Optional[Literal["public", "licensed", "private", "crawled", "user", "synthetic", "other"]] = Field(
+        None, description="AI Act template category: public dataset, commercially licensed, other private, web-crawled, user data, synthetic, other"
+    )
+    description: Optional[str] = None
+    domains: list[str] = Field(default_factory=list, description="main web domains (crawled data)")
+    opt_out: Optional[str] = Field(None, description="how text-and-data-mining opt-outs were respected")
+    collected: Optional[str] = Field(None, description="date of the last data collection")
+    licence: Optional[str] = None
+    origin: Optional[str] = None
+
+
+class CardSpec(Strict):
+    """Model card and EU AI Act summary: what only the person releasing the model knows."""
+
+    license: Optional[str] = Field(None, description="licence of the released model (SPDX id)")
+    provider: Optional[str] = Field(None, description="name and contact of the provider (AI Act summary, section 1.1)")
+    intended_use: Optional[str] = None
+    out_of_scope: Optional[str] = None
+    limitations: list[str] = Field(default_factory=list)
+    language: list[str] = Field(default_factory=lambda: ["fr"])
+    sources: dict[str, SourceCardSpec] = Field(default_factory=dict, description="per data source name (as in data_stats.json)")
+    base_model_training_flops: Optional[float] = Field(None, description="training compute of the base model (FLOP), for the one-third check")
+    gpu_power_w: Optional[float] = Field(None, description="power per GPU in watts (default: the GPU's TDP, see affinage.provenance.energy)")
+    pue: Optional[float] = Field(None, description="data-centre power usage effectiveness (default 1.2)")
+    grid_gco2_per_kwh: Optional[float] = Field(None, description="grid carbon intensity (default: France, 60 gCO2e/kWh, see affinage.provenance.energy)")
+    location: str = "France"
+
+
 # -------------------------------------------------------------------------------------- recipe
 class Recipe(Strict):
     name: str
@@ -337,6 +509,11 @@ class Recipe(Strict):
     data: DataSpec
     training: TrainingSpec
     output: OutputSpec = Field(default_factory=OutputSpec)
+    distributed: DistributedSpec = Field(
+        default_factory=DistributedSpec, description="sharding strategy over GPUs/processes (ddp, fsdp2, zero2, zero3, zero3_offload)"
+    )
+    eval: Optional[EvalSpec] = Field(None, description="what `affinage eval` measures (perplexity, MCQ, samples, lm-eval)")
+    card: Optional[CardSpec] = Field(None, description="model card and AI Act summary fields only the releaser knows")
 
     @field_validator("name")
     @classmethod
@@ -351,6 +528,13 @@ class Recipe(Strict):
     def _combinations(self) -> "Recipe":
         if self.method.kind == "qlora" and self.model.init == "random":
             raise ValueError("method.kind: qlora with model.init: random — quantising an untrained model makes no sense; use lora or full")
+        if self.method.kind == "qlora" and self.distributed.offloads()[1]:
+            raise ValueError(
+                f"method.kind: qlora with distributed.strategy {self.distributed.strategy} and parameter offload — "
+                "offloading bitsandbytes 4-bit weights to CPU RAM is not supported (not by DeepSpeed nor accelerate for "
+                "Params4bit, and not tested by affinage). Use strategy zero3 (4-bit weights partitioned) or fsdp2 with "
+                "distributed.offload_params: false; optimizer offload (offload_optimizer: true with zero2/zero3) is fine"
+            )
         if self.training.micro_batch_size > self.training.global_batch_size:
             raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
         if self.training.eval_every and self.data.heldout_fraction == 0:

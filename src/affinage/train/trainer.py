@@ -75,7 +75,9 @@ class TrainResult:
         return asdict(self)
 
 
-def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool):
+def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None):
+    """``TrainingArguments`` from the recipe; ``strategy`` (``affinage.dist.strategies.DistributedSetup``)
+    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``."""
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -87,7 +89,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
     if scheduler == "wsd":
         scheduler = "warmup_stable_decay"
         sched_kwargs = {"num_decay_steps": max(1, max_steps // 10)}
-    return TrainingArguments(
+    kwargs = dict(
         output_dir=str(run.checkpoints),
         per_device_train_batch_size=t.micro_batch_size,
         per_device_eval_batch_size=t.micro_batch_size,
@@ -123,6 +125,9 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
         ddp_find_unused_parameters=False if recipe.method.kind == "full" else None,
         disable_tqdm=False,
     )
+    if strategy is not None:
+        kwargs.update(strategy.training_arguments())  # deepspeed=<dict filled from the recipe> / fsdp_config=...
+    return TrainingArguments(**kwargs)
 
 
 def train(
@@ -137,14 +142,14 @@ def train(
 
     ``callbacks`` are extra ``TrainerCallback`` objects (tests, integrations).
     """
-    from transformers import Trainer
     from transformers.trainer_callback import ProgressCallback
 
-    from affinage.data.collate import LossMaskCollator
-    from affinage.data.dataset import build_datasets
+    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.prepare import prepare
     from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer
     from affinage.train import checkpoint as ckpt
+    from affinage.train.loss import AffinageTrainer, use_varlen_attention
     from affinage.train.callbacks import (
         CompleteCheckpointCallback,
         MetricsFileCallback,
@@ -163,10 +168,10 @@ def train(
         os.environ.setdefault("WANDB_DIR", str(run.root / "logs"))
 
     tokenizer = load_tokenizer(recipe.model)
-    data = build_datasets(recipe, tokenizer)
+    data = prepare(recipe, tokenizer)  # the prepared-data cache: a hit, or built once (other ranks wait)
     if is_main:
-        atomic_write_json(run.data_stats, data.stats)
-    if not data.train:
+        atomic_write_json(run.data_stats, {**data.stats, "cache": str(data.path)})
+    if len(data.train) == 0:
         t = data.stats.get("totals", {}).get("train", {})
         raise DataError(
             f"the training set is empty after reading and filtering ({t.get('truncated', 0)} samples truncated to "
@@ -174,7 +179,7 @@ def train(
             f"raise data.max_length or check the sources; details in {run.data_stats}"
         )
 
-    mean_tokens = sum(len(s.input_ids) for s in data.train) / len(data.train)
+    mean_tokens = data.train.num_tokens / len(data.train)
     max_steps = steps_for_duration(recipe, len(data.train), mean_tokens)
 
     resume_from = None
@@ -191,15 +196,23 @@ def train(
     if is_main and resume_from is None:
         run.metrics.unlink(missing_ok=True)
 
+    # ---- distributed strategy hook (affinage.dist, owner: dist) ------------------------------------
+    # Before the model loads: process group, ZeRO-3 load-time partitioning, FSDP2 rank-0 loading,
+    # DeepSpeed universal conversion when resuming on another world size.
+    from affinage.dist.strategies import setup_distributed
+
+    strategy = setup_distributed(recipe, run.root, world_size=world_size, accumulation=accumulation, resume_from=resume_from)
+    # ------------------------------------------------------------------------------------------------
     model = load_model(recipe)
-    args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=bool(data.heldout))
+    use_varlen_attention(model, recipe.data.max_length)
+    args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=data.heldout is not None, strategy=strategy)
     stop = StopRequestCallback(run.root / STOP_FILE)
-    trainer = Trainer(
+    trainer = strategy.trainer_class(AffinageTrainer)(  # strategy hook: FSDP2 on CPU, gathered save, runtime report
         model=model,
         args=args,
-        train_dataset=SampleDataset(data.train),
-        eval_dataset=SampleDataset(data.heldout) if data.heldout else None,
-        data_collator=LossMaskCollator(tokenizer, task=recipe.task),
+        train_dataset=PackedDataset(data.train),
+        eval_dataset=PackedDataset(data.heldout) if data.heldout is not None else None,
+        data_collator=PackedCollator(tokenizer.pad_token_id, task=recipe.task),
         processing_class=tokenizer,
         callbacks=[
             MetricsFileCallback(run.metrics),
@@ -216,7 +229,7 @@ def train(
     completed = stop.stopped_at is None and trainer.state.global_step >= max_steps
 
     eval_loss = None
-    if data.heldout and completed:
+    if data.heldout is not None and completed:
         eval_loss = float(trainer.evaluate()["eval_loss"])
 
     outputs: dict[str, str] = {"run_dir": str(run.root), "checkpoints": str(run.checkpoints)}
@@ -240,12 +253,13 @@ def train(
         seconds=round(time.time() - start, 2),
         world_size=world_size,
         gradient_accumulation=accumulation,
-        train_samples=len(data.train),
-        heldout_samples=len(data.heldout),
+        train_samples=data.stats["totals"]["train"]["samples"],
+        heldout_samples=data.stats["totals"]["heldout"]["samples"],
         outputs=outputs,
     )
     if is_main:
-        atomic_write_json(run.summary, {"recipe": recipe.name, "task": recipe.task, "method": recipe.method.kind, **result.as_dict()})
+        slurm = {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))} if "SLURM_JOB_ID" in os.environ else None
+        atomic_write_json(run.summary, {"recipe": recipe.name, "task": recipe.task, "method": recipe.method.kind, **result.as_dict(), "slurm": slurm})
     return result
 
 

@@ -1,0 +1,107 @@
+"""Rows of the prepared-data cache as Trainer batches (torch).
+
+``PackedDataset`` serves the rows of a ``cache.PackedSplit``; ``PackedCollator`` turns a micro-batch
+of rows into model inputs where no sample can see another:
+
+* padding-free (default): the rows are concatenated into one sequence ``[1, tokens]`` with
+  ``position_ids`` restarting at every segment and ``cu_seq_lens_q/k`` (cumulative segment
+  lengths) + ``max_length_q/k``. Flash-attention (varlen) uses them directly on GPU; on CPU
+  ``affinage.train.loss`` registers an attention that runs causal SDPA on each segment; any other
+  attention in transformers 5 builds a block-diagonal mask from the restarting ``position_ids``.
+  No pad token is computed on.
+* padded (``flatten=False``): rows right-padded to the longest row of the batch; the padding is one
+  more segment (positions restart) with label -100, and there is no ``attention_mask`` so that
+  transformers derives the block-diagonal mask from ``position_ids``.
+
+Labels are the token ids where ``loss_mask`` is 1, else -100 (``templates.IGNORE_INDEX``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from affinage.data.errors import DataError
+from affinage.data.templates import IGNORE_INDEX
+
+
+class PackedDataset(torch.utils.data.Dataset):
+    def __init__(self, split):
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.split[i]
+
+
+def _positions(seq_lens: np.ndarray) -> np.ndarray:
+    """0..n-1 for each segment length n, concatenated."""
+    total = int(seq_lens.sum())
+    starts = np.repeat(np.cumsum(seq_lens) - seq_lens, seq_lens)
+    return np.arange(total, dtype=np.int64) - starts
+
+
+class PackedCollator:
+    def __init__(self, pad_token_id: int, task: str = "sft", flatten: bool = True):
+        if task not in ("sft", "cpt"):
+            raise ValueError(f"task must be 'sft' or 'cpt' (got {task!r})")
+        self.pad_token_id = int(pad_token_id)
+        self.task = task
+        self.flatten = flatten
+
+    @staticmethod
+    def _row(f: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if isinstance(f, Mapping) and "loss_mask" in f:
+            ids = np.asarray(f["input_ids"], dtype=np.int64)
+            mask = np.asarray(f["loss_mask"], dtype=bool)
+            seq = np.asarray(f.get("seq_lens", [len(ids)]), dtype=np.int64)
+            return ids, mask, seq
+        # a plain sample (input_ids + labels): one segment
+        ids = np.asarray(f["input_ids"] if isinstance(f, Mapping) else f.input_ids, dtype=np.int64)
+        labels = np.asarray(f.get("labels", ids) if isinstance(f, Mapping) else f.labels, dtype=np.int64)
+        mask = labels != IGNORE_INDEX
+        mask[:1] = False
+        return ids, mask, np.asarray([len(ids)], dtype=np.int64)
+
+    def __call__(self, features: Sequence[Any]) -> dict:
+        if not features:
+            raise DataError("empty batch")
+        rows = [self._row(f) for f in features]
+        if self.task == "sft" and not any(m.any() for _, m, _ in rows):
+            raise DataError(
+                "batch has no loss-bearing token (every label is -100): the assistant turns were truncated away or "
+                "never found; raise data.max_length or check the chat template"
+            )
+        if self.flatten:
+            ids = np.concatenate([r[0] for r in rows])
+            mask = np.concatenate([r[1] for r in rows])
+            seq = np.concatenate([r[2] for r in rows])
+            labels = np.where(mask, ids, IGNORE_INDEX)
+            cu = np.concatenate([[0], np.cumsum(seq)]).astype(np.int32)
+            cu_t = torch.from_numpy(cu)
+            return {
+                "input_ids": torch.from_numpy(ids)[None],
+                "labels": torch.from_numpy(labels)[None],
+                "position_ids": torch.from_numpy(_positions(seq))[None],
+                "cu_seq_lens_q": cu_t,
+                "cu_seq_lens_k": cu_t,
+                "max_length_q": int(seq.max()),
+                "max_length_k": int(seq.max()),
+            }
+        width = max(len(r[0]) for r in rows)
+        n = len(rows)
+        input_ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((n, width), dtype=torch.long)
+        for i, (ids, mask, seq) in enumerate(rows):
+            L = len(ids)
+            input_ids[i, :L] = torch.from_numpy(ids)
+            labels[i, :L] = torch.from_numpy(np.where(mask, ids, IGNORE_INDEX))
+            position_ids[i, :L] = torch.from_numpy(_positions(seq))
+            position_ids[i, L:] = torch.arange(width - L)
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+

@@ -1,0 +1,253 @@
+"""The prepared-data cache: where it lives, what its key covers, how it is written and read.
+
+``affinage prepare`` (and ``train`` on a cache miss) writes one folder per key::
+
+    <cache root>/<key>/
+      meta.json        format version, the key's inputs, counts
+      stats.json       per-source statistics (also copied to the run's data_stats.json)
+      train/  heldout/ flat arrays, memory-mapped when read:
+        input_ids.npy    uint32 [tokens]     every row's tokens, rows one after the other
+        loss_mask.npy    uint8  [tokens]     1 where the token is a prediction target (label = token)
+        seq_offsets.npy  int64  [segments+1] start of each segment (a sample or document piece): cu_seqlens
+        row_seq.npy      int64  [rows+1]     row r holds segments row_seq[r] .. row_seq[r+1]-1
+
+A segment is attended to only by itself (positions restart at 0); the first token of every segment
+carries no loss, so a row predicts exactly what its samples predict alone. The folder is built in a
+temporary sibling and renamed, so it is complete or absent.
+
+The key is a sha256 over: the data-format version, each source file's content hash (sha256, streamed,
+remembered by path, size and mtime so an unchanged recipe hashes nothing), the tokenizer's files, the
+chat template, the task, seed, max_length, packing, filters, decontamination files, held-out and
+weight settings. Any change gives a new key, hence a new folder; old folders stay until removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from affinage.data.errors import DataError
+
+DATA_FORMAT_VERSION = 1
+ARRAYS = {"input_ids": np.uint32, "loss_mask": np.uint8, "seq_offsets": np.int64, "row_seq": np.int64}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+FILE_HASHES = "file-hashes.json"
+
+
+# ------------------------------------------------------------------------------------ location
+def cache_root(data_spec=None) -> Path:
+    """``data.cache_dir``, else ``$AFFINAGE_CACHE``, else ``~/.cache/affinage`` (env vars and ~ expanded)."""
+    raw = getattr(data_spec, "cache_dir", None) or os.environ.get("AFFINAGE_CACHE") or "~/.cache/affinage"
+    return Path(os.path.expanduser(os.path.expandvars(raw))).resolve()
+
+
+# -------------------------------------------------------------------------------------- hashing
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+class FileHasher:
+    """sha256 of files, remembered in ``<root>/file-hashes.json`` by (real path, size, mtime_ns).
+
+    An unchanged file is not read again; a file rewritten in place (new mtime or size) is. Folders
+    hash to the digest of their files' relative paths and hashes (weights skipped when asked).
+    """
+
+    def __init__(self, root: Optional[Path] = None):
+        self.root = root
+        self.path = root / FILE_HASHES if root else None
+        self.known: dict[str, str] = {}
+        self.dirty = False
+        if self.path and self.path.is_file():
+            try:
+                self.known = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                self.known = {}
+
+    def file(self, path: Path) -> str:
+        path = Path(path).resolve()
+        st = path.stat()
+        memo = f"{path}|{st.st_size}|{st.st_mtime_ns}"
+        digest = self.known.get(memo)
+        if digest is None:
+            digest = _sha256_file(path)
+            self.known[memo] = digest
+            self.dirty = True
+        return digest
+
+    def tree(self, path: Path, skip_weights: bool = False) -> str:
+        path = Path(path)
+        if path.is_file():
+            return self.file(path)
+        if not path.is_dir():
+            raise DataError(f"cannot hash {path}: no such file or folder", where=str(path), reason="missing path")
+        h = hashlib.sha256()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            rel = p.relative_to(path).as_posix()
+            if rel.startswith(".") or "/." in rel:
+                continue
+            if skip_weights and p.suffix.lower() in WEIGHT_SUFFIXES:
+                continue
+            h.update(rel.encode() + b"\0" + self.file(p).encode() + b"\n")
+        return h.hexdigest()
+
+    def save(self) -> None:
+        if not (self.dirty and self.path):
+            return
+        from affinage.run import atomic_write_json
+
+        # keep the memo small: entries of files that no longer exist go
+        alive = {k: v for k, v in self.known.items() if Path(k.split("|", 1)[0]).exists()}
+        try:
+            atomic_write_json(self.path, alive)
+        except OSError:
+            pass  # a read-only cache root still works, only slower
+        self.dirty = False
+
+
+def tokenizer_fingerprint(tokenizer, with_template: bool = True) -> str:
+    """sha256 of what decides token ids: the backend's JSON, special tokens and (optionally) the chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update((backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))).encode())
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id"):
+        h.update(f"{name}={getattr(tokenizer, name, None)}\n".encode())
+    if with_template:
+        h.update(str(getattr(tokenizer, "chat_template", None) or "").encode())
+    h.update(type(tokenizer).__name__.encode())
+    return h.hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def key_of(inputs: dict) -> str:
+    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:32]
+
+
+# -------------------------------------------------------------------------------------- writing
+@contextlib.contextmanager
+def build_lock(root: Path, key: str, timeout: float = 6 * 3600) -> Iterator[None]:
+    """One builder per key: other processes (torchrun ranks, a second job) wait, then find the cache."""
+    root.mkdir(parents=True, exist_ok=True)
+    lock = root / f".{key}.lock"
+    fh = open(lock, "a+")
+    try:
+        try:
+            import fcntl
+
+            deadline = time.time() + timeout
+            while True:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.time() > deadline:
+                        raise DataError(f"timed out waiting for another process building the data cache {root / key}")
+                    time.sleep(0.5)
+        except ImportError:  # no fcntl (Windows): rely on the atomic rename alone
+            pass
+        yield
+    finally:
+        fh.close()
+
+
+def publish(tmp: Path, final: Path) -> Path:
+    """Rename a finished temporary folder into place; if another process won the race, keep theirs."""
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if (final / "meta.json").is_file():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            raise
+    return final
+
+
+# -------------------------------------------------------------------------------------- reading
+class PackedSplit:
+    """One split of a cache (``train`` or ``heldout``), memory-mapped: rows of segments.
+
+    ``split[r]`` gives ``{"input_ids", "loss_mask", "seq_lens"}`` as numpy arrays (views of the map).
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        self.input_ids = np.load(self.folder / "input_ids.npy", mmap_mode="r")
+        self.loss_mask = np.load(self.folder / "loss_mask.npy", mmap_mode="r")
+        self.seq_offsets = np.load(self.folder / "seq_offsets.npy", mmap_mode="r")
+        self.row_seq = np.asarray(np.load(self.folder / "row_seq.npy"))
+
+    def __len__(self) -> int:
+        return len(self.row_seq) - 1
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.seq_offsets[-1]) if len(self.seq_offsets) else 0
+
+    @property
+    def num_segments(self) -> int:
+        return len(self.seq_offsets) - 1
+
+    def row_bounds(self, r: int) -> tuple[int, int]:
+        return int(self.seq_offsets[self.row_seq[r]]), int(self.seq_offsets[self.row_seq[r + 1]])
+
+    def row_lengths(self) -> np.ndarray:
+        starts = np.asarray(self.seq_offsets)[self.row_seq]
+        return np.diff(starts)
+
+    def __getitem__(self, r: int) -> dict:
+        if r < 0:
+            r += len(self)
+        if not 0 <= r < len(self):
+            raise IndexError(r)
+        a, b = self.row_bounds(r)
+        seq = np.asarray(self.seq_offsets[self.row_seq[r] : self.row_seq[r + 1] + 1])
+        return {
+            "input_ids": np.asarray(self.input_ids[a:b]),
+            "loss_mask": np.asarray(self.loss_mask[a:b]),
+            "seq_lens": np.diff(seq),
+        }
+
+
+@dataclass
+class PreparedCache:
+    """A prepared-data folder: its key, metadata, statistics and splits."""
+
+    path: Path
+    key: str
+    meta: dict
+    stats: dict
+    train: PackedSplit
+    heldout: Optional[PackedSplit]
+    hit: bool = False
+    seconds: float = 0.0
+
+    @classmethod
+    def open(cls, path: Path, hit: bool = False, seconds: float = 0.0) -> "PreparedCache":
+        path = Path(path)
+        meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
+        if meta.get("format_version") != DATA_FORMAT_VERSION:
+            raise DataError(f"{path}: data cache format {meta.get('format_version')} is not {DATA_FORMAT_VERSION}; delete it")
+        stats = json.loads((path / "stats.json").read_text(encoding="utf-8"))
+        heldout = PackedSplit(path / "heldout") if (path / "heldout" / "row_seq.npy").is_file() else None
+        if heldout is not None and len(heldout) == 0:
+            heldout = None
+        return cls(path=path, key=meta["key"], meta=meta, stats=stats, train=PackedSplit(path / "train"), heldout=heldout, hit=hit, seconds=seconds)
