@@ -8,7 +8,9 @@ with ``affinage train --nproc N`` under every strategy, and prints one row per s
 - step time (median of the logged steps after the first, from ``metrics.jsonl``);
 - model states per process, counted storage by storage by every rank (weights + optimizer states +
   DeepSpeed master copies), against the estimate's weights + optimizer terms;
-- peak resident memory added by training (peak RSS − RSS before the model loaded, largest rank),
+- peak resident memory during the training steps (the kernel's peak-RSS counter is reset when
+  training begins, so loading and the final save are left out) minus the RSS before the model
+  loaded, largest rank,
   against the estimate's total (weights, gradients, optimizer, activations, logits). On CPU this
   includes allocator slack and communication buffers the estimate leaves out; on a GPU read
   ``cuda_max_allocated`` in ``RUN_DIR/distributed/runtime.json`` instead.
@@ -49,7 +51,7 @@ def build_model(folder: Path, hidden: int, layers: int, intermediate: int) -> Pa
     return folder
 
 
-def write_recipe(folder: Path, model: Path, strategy: str, steps: int, seq: int, micro: int, nproc: int) -> Path:
+def write_recipe(folder: Path, model: Path, strategy: str, steps: int, seq: int, micro: int, nproc: int, ckpt: bool = False) -> Path:
     data = REPO / "recipes" / "demo" / "data"
     path = folder / f"{strategy}.yaml"
     path.write_text(f"""name: measure-{strategy}
@@ -70,6 +72,7 @@ training:
   learning_rate: 1e-3
   lr_scheduler: constant
   report_to: [none]
+  gradient_checkpointing: {str(ckpt).lower()}
 distributed: {{strategy: {strategy}}}
 output: {{dir: {folder / strategy}}}
 """, encoding="utf-8")
@@ -81,10 +84,15 @@ def measure(strategy: str, folder: Path, model: Path, args) -> dict:
     from affinage.plan import make_plan
     from affinage.recipe.loader import load_recipe
 
-    recipe_path = write_recipe(folder, model, strategy, args.steps, args.seq, args.micro, args.nproc)
+    recipe_path = write_recipe(folder, model, strategy, args.steps, args.seq, args.micro, args.nproc, args.gradient_checkpointing)
     run = folder / strategy
     cmd = [sys.executable, "-m", "affinage.cli", "train", str(recipe_path), "--nproc", str(args.nproc), "--run-dir", str(run)]
-    proc = subprocess.run(cmd, env=launch_env(args.nproc), capture_output=True, text=True)
+    env = launch_env(args.nproc)
+    # glibc: serve tensors of 64 KiB and more with mmap and give them back on free, so that RSS follows
+    # the live tensors instead of keeping every freed block (without this, peaks read 25-50 % high)
+    env.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
+    env.setdefault("MALLOC_TRIM_THRESHOLD_", "0")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"strategy": strategy, "error": (proc.stdout + proc.stderr)[-2000:]}
     report = json.loads((run / "distributed" / "runtime.json").read_text())
@@ -96,7 +104,8 @@ def measure(strategy: str, folder: Path, model: Path, args) -> dict:
     est = make_plan(recipe, world_size=args.nproc, count_data=False).memory
     ranks = report["end"]
     states = max(r["model_state_bytes"]["weights"] + r["model_state_bytes"]["optimizer"] for r in ranks)
-    peak = max(r["peak_rss_bytes"] - r["rss_before_model"] for r in ranks)
+    # peak during the training steps (kernel counter reset at train begin), above the process before the model loaded
+    peak = max((r["peak_rss_training"] or r["peak_rss_bytes"]) - r["rss_before_model"] for r in ranks)
     return {
         "strategy": strategy,
         "world_size": report["world_size"],
@@ -121,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--strategies", default="ddp,fsdp2,zero2,zero3,zero3_offload")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="training.gradient_checkpointing: true")
     p.add_argument("--out", help="folder for the runs (default: a temporary folder)")
     args = p.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -68,6 +68,32 @@ def current_rss() -> int:
         return 0
 
 
+def _status_kib(field_name: str) -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field_name + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS counter (VmHWM) from the current RSS (Linux ≥ 4.0); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss() -> int:
+    """Peak resident memory since the process started or since :func:`reset_peak_rss`, in bytes."""
+    return _status_kib("VmHWM") * 1024
+
+
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -486,6 +512,8 @@ class RuntimeReportCallback(TrainerCallback):
             "checksum": _checksum(model),
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_before_model": self.setup.rss_before_model,
+            "rss_now": current_rss(),
+            "peak_rss_training": peak_rss() if getattr(self, "_peak_reset", False) else None,
         }
         try:
             info["model_state_bytes"] = model_state_bytes(tr)
@@ -530,6 +558,8 @@ class RuntimeReportCallback(TrainerCallback):
         self._begin_step = state.global_step
         self.begin = self._gather()
         self._write(self.begin, None, state)
+        # from here on, the peak covers the training steps only (not loading, not the final save)
+        self._peak_reset = reset_peak_rss()
         return control
 
     def on_train_end(self, args, state, control, **kwargs):
