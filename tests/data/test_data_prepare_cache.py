@@ -147,7 +147,8 @@ def test_cpt_concat_rows_are_full_and_document_mask_choice(tmp_path, trained_tok
         lens = c.train.row_lengths()
         assert (lens[:-1] == 64).all()  # every row but the last is full: no padding at all
         total_doc_tokens = c.stats["sources"]["t.jsonl"]["document_tokens"]
-        assert c.train.num_tokens == total_doc_tokens["mean"] * total_doc_tokens["count"]
+        # the statistics round the mean to 2 decimals: exact up to that rounding
+        assert abs(c.train.num_tokens - total_doc_tokens["mean"] * total_doc_tokens["count"]) <= 0.005 * total_doc_tokens["count"]
         if mask:
             assert c.train.num_segments > len(c.train)  # a segment per document piece
         else:
@@ -179,7 +180,7 @@ def test_statistics_per_source_and_filters(tmp_path, trained_tokenizer):
     assert c.stats["tokenization"]["tokens"] > 0
     # token bounds drop documents instead of truncating them
     r2 = make_recipe([{"path": str(tmp_path / "a.jsonl"), "name": "a"}], chat_template="chatml", max_length=128,
-                     cache_dir=str(tmp_path / "cache"), num_proc=1, filters={"max_tokens": 20})
+                     cache_dir=str(tmp_path / "cache"), num_proc=1, filters={"max_tokens": dt["min"] - 1})
     s2 = prepare(r2, trained_tokenizer, progress=False).stats["sources"]["a"]
     assert s2["documents_kept"] == 1  # only the two-word conversation is short enough
     assert s2["filters"]["too_long_tokens"] == {"dropped": 12, "kept_share": round(1 / 13, 6)}

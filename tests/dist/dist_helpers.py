@@ -43,7 +43,10 @@ def needs(strategy: str):
 
 def write_recipe(folder: Path, model_dir: Path, data: Path, *, strategy: str = "ddp", kind: str = "full",
                  steps: int = 6, extra: str = "") -> Path:
-    """A tiny CPT recipe: 4 sequences per step (2 per process × 2, or 2 × accumulation 2 on one process)."""
+    """A tiny CPT recipe: 4 sequences per step (2 per process × 2, or 2 × accumulation 2 on one process).
+
+    LoRA/QLoRA recipes also turn gradient checkpointing on (activation recomputation under sharding).
+    """
     method = {"full": "method: {kind: full}",
               "lora": "method: {kind: lora, lora: {r: 8, alpha: 16, dropout: 0.0}}",
               "qlora": "method: {kind: qlora, lora: {r: 8, alpha: 16, dropout: 0.0}, quantization: {compute_dtype: float32}}",
@@ -67,6 +70,7 @@ training:
   report_to: [none]
   save_every: 3
   keep_checkpoints: 3
+  gradient_checkpointing: {"false" if kind == "full" else "true"}
 distributed: {{strategy: {strategy}}}
 {extra}
 output: {{dir: {folder / 'run'}}}
