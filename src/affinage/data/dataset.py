@@ -111,7 +111,12 @@ def _read(spec, name: str, on_bad_record: str, task: str) -> _Source:
             f"data source {name!r} ({spec.path}) gave no usable record"
             + (f" ({skips.count} skipped, e.g. {skips.examples[:3]})" if skips.count else " (it is empty)")
         )
-    kind = canonical_kind(src.records[0][1])
+    check_kind(name, fmt, canonical_kind(src.records[0][1]), task)
+    return src
+
+
+def check_kind(name: str, fmt, kind: str, task: str) -> None:
+    """A source's records must suit the task: raw text for cpt, conversations for sft."""
     if task == "sft" and kind == "text":
         raise DataError(
             f"data source {name!r} holds raw text (format {fmt}) but task is sft, which trains on assistant turns: "
@@ -122,7 +127,6 @@ def _read(spec, name: str, on_bad_record: str, task: str) -> _Source:
             f"data source {name!r} holds chat records (format {fmt}) but task is cpt, which reads raw text: use task: sft "
             "for chat data, or set format: text and text_field for a text field"
         )
-    return src
 
 
 def _tokenize(src: _Source, idx, task, tokenizer, max_length, on_bad_record, desc) -> list[list[TokenizedSample]]:

@@ -42,7 +42,7 @@ from affinage.data.cache import (
     publish,
     tokenizer_fingerprint,
 )
-from affinage.data.dataset import heldout_counts, source_names, weighted_indices
+from affinage.data.dataset import check_kind, heldout_counts, source_names, weighted_indices
 from affinage.data.errors import DataError, SkipCounter
 from affinage.data.filters import ExactDedup, LengthFilter, NearDedup, document_text
 from affinage.data.formats import canonical_kind, convert, detect_format
@@ -361,7 +361,7 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str, num_proc: int, 
                     st.skips.add_error(e)
                     continue
                 if st.read == 0:
-                    _check_kind(name, fmt, canonical_kind(record), task)
+                    check_kind(name, fmt, canonical_kind(record), task)
                 st.read += 1
                 bar.update()
                 doc = document_text(record)
@@ -510,19 +510,6 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str, num_proc: int, 
 def _pad_id(tokenizer) -> Optional[int]:
     pad = getattr(tokenizer, "pad_token_id", None)
     return pad if pad is not None else getattr(tokenizer, "eos_token_id", None)
-
-
-def _check_kind(name: str, fmt, kind: str, task: str) -> None:
-    if task == "sft" and kind == "text":
-        raise DataError(
-            f"data source {name!r} holds raw text (format {fmt}) but task is sft, which trains on assistant turns: "
-            "use task: cpt for raw text, or chat/alpaca records for sft"
-        )
-    if task == "cpt" and kind == "chat":
-        raise DataError(
-            f"data source {name!r} holds chat records (format {fmt}) but task is cpt, which reads raw text: use task: sft "
-            "for chat data, or set format: text and text_field for a text field"
-        )
 
 
 def _pack_and_write(store: _SampleStore, folder: Path, data, seed: int, split: str) -> dict:
