@@ -96,3 +96,25 @@ def test_dist_zero3_offload_runs_cpu_adam_and_matches_zero3(dist_runs):
     assert max(abs(x - y) for x, y in zip(a, b)) < 1e-5, (a, b)
     assert max_weight_diff(final_weights(runs.ref), final_weights(zero3.ref)) < 1e-5
     assert max_weight_diff(final_weights(runs.cut), final_weights(runs.ref)) == 0.0
+
+
+@pytest.mark.parametrize("strategy", ["zero3", pytest.param("fsdp2", marks=[slow, run_slow])])
+def test_dist_cli_two_processes_end_to_end(dist_runs, tmp_path, strategy):
+    """`affinage train --nproc 2` as a researcher types it, through everything after training too.
+
+    Regression: after a ZeRO-3 run, rank 0 alone built a model for the provenance manifest while the
+    DeepSpeed config was still registered, so transformers built it under zero.Init and waited for
+    rank 1 forever (already in the final barrier). The launch must end, and write the same model as the
+    driver's run."""
+    import json
+
+    from dist_helpers import launch_cli
+
+    runs = dist_runs.get(strategy)
+    run = tmp_path / "run"
+    launch_cli(runs.recipe, 2, run)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["world_size"] == 2
+    assert runtime(run)["end"][0]["num_processes"] == 2
+    assert (run / "final" / "README.md").exists() or (run / "provenance.json").exists()  # written by rank 0 after training
+    assert max_weight_diff(final_weights(run), final_weights(runs.ref)) == 0.0

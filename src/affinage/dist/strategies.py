@@ -116,7 +116,7 @@ def init_process_group(on_gpu: bool) -> None:
         return
     if on_gpu:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="cpu:gloo,cuda:nccl", device_id=None)
+        dist.init_process_group(backend="cpu:gloo,cuda:nccl")
     else:
         dist.init_process_group(backend="gloo")
 
@@ -238,6 +238,7 @@ class DistributedSetup:
         class StrategyTrainer(base):  # type: ignore[misc, valid-type]
             def __init__(self, *args, **kwargs):
                 super().__init__(*args, **kwargs)
+                setup._keep_alive.clear()  # the model is loaded; TrainingArguments holds its own DeepSpeed config
                 if setup.universal_from is not None:
                     self.add_callback(UnshareOptimizerSteps(self))
                 if setup.run_dir is not None:
@@ -247,6 +248,18 @@ class DistributedSetup:
                 super().create_accelerator_and_postprocess()
                 if setup.fsdp_config is not None:
                     _force_fsdp2(self)
+
+            def train(self, *args, **kwargs):
+                try:
+                    return super().train(*args, **kwargs)
+                finally:
+                    if setup.deepspeed is not None:
+                        # transformers builds every later model under zero.Init while a ZeRO-3 config is
+                        # registered: a model built on rank 0 only (provenance, model card) would then wait
+                        # forever for the other ranks. Training is over: unregister it.
+                        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                        unset_hf_deepspeed_config()
 
             def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False):
                 if self.is_fsdp_enabled and not _internal_call:
@@ -331,7 +344,8 @@ def setup_distributed(
     if s in dcfg.ZERO_STAGE:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend="cpu:gloo,cuda:nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
+        # the process group exists already (init_process_group above): DeepSpeed wraps it
+        deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo", auto_mpi_discovery=False)
         if dcfg.ZERO_STAGE[s] == 3:
             from transformers.integrations import HfDeepSpeedConfig
 
