@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -218,3 +217,22 @@ def test_dist_plan_checks_the_strategy_config(tmp_path, tiny_llama_dir, demo_dat
     assert main(["plan", str(path), "--world-size", "4", "--gpu", "a100-40"]) == 0
     out = capsys.readouterr().out
     assert "zero3 *" in out and "fit on a100-40" in out and "checked" in out
+
+
+def test_dist_relaunch_reports_a_requested_stop_as_exit_3(tmp_path, monkeypatch):
+    """torchrun turns the trainer's "stopped after a checkpoint" (exit 3) into 1: the launcher reads summary.json."""
+    import affinage.dist.launch as launch
+
+    calls = []
+
+    def fake_torchrun(cmd, env):
+        calls.append((cmd, env))
+        (tmp_path / "summary.json").write_text(json.dumps({"completed": completed}))
+        return rc
+
+    monkeypatch.setattr(launch.subprocess, "call", fake_torchrun)
+    for completed, rc, expected in ((False, 1, 3), (True, 1, 1), (True, 0, 0)):
+        assert launch.relaunch_train("r.yaml", 2, run_dir=str(tmp_path), extra_args=["--fresh"]) == expected
+    cmd, env = calls[0]
+    assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-1] == "--fresh"
+    assert "--nproc_per_node=2" in cmd

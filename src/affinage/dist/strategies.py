@@ -284,6 +284,11 @@ def _force_fsdp2(trainer) -> None:
     if state.distributed_type not in (DistributedType.MULTI_CPU, DistributedType.NO):
         raise StrategyError(f"FSDP2 requested but accelerate chose {state.distributed_type}; refusing to run another strategy")
     plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    if isinstance(plugin.cpu_offload, CPUOffloadPolicy) and not torch.cuda.is_available():
+        # pinned host memory needs a GPU driver; without a GPU the offload path runs unpinned
+        plugin.cpu_offload = CPUOffloadPolicy(pin_memory=False)
     AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
     AcceleratorState._shared_state["fsdp_plugin"] = plugin
     PartialState._shared_state["distributed_type"] = DistributedType.FSDP
@@ -516,6 +521,8 @@ class RuntimeReportCallback(TrainerCallback):
             "inner_optimizer": type(inner).__name__ if inner is not None else None,
             "innermost_optimizer": type(getattr(inner, "optimizer", None)).__name__ if getattr(inner, "optimizer", None) is not None else None,
             "distributed_type": str(tr.accelerator.distributed_type),
+            "fsdp_offload": type(getattr(getattr(tr.accelerator.state, "fsdp_plugin", None), "cpu_offload", None)).__name__
+            if getattr(tr.accelerator.state, "fsdp_plugin", None) is not None else None,
             "num_processes": tr.accelerator.num_processes,
             "local_numel": sum(_local_numel(p) for p in params),
             "full_numel": sum(_full_numel(p) for p in params),
