@@ -32,23 +32,6 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # per-shard load/save bars; affinage shows its own progress
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from affinage.data.errors import DataError
-    from affinage.model.errors import ModelNotFoundError
-    from affinage.recipe.loader import RecipeError
-
-    from affinage.errors import AffinageError
-
-    errors: list[type[BaseException]] = [AffinageError, RecipeError, DataError, ModelNotFoundError]
-    try:
-        from affinage.model.errors import ModelError
-
-        errors.append(ModelError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def _load(args, world_size: int | None = None):
     from affinage.recipe.loader import load_recipe
 
@@ -86,7 +69,7 @@ def cmd_train(args) -> int:
 
     from affinage.recipe.loader import load_recipe_with_sources
 
-    from affinage.dist.strategies import finish_distributed, launched
+    from affinage.distributed.strategies import finish_distributed, launched
 
     if args.nproc is not None and args.nproc < 1:
         raise _usage_error("--nproc must be at least 1")
@@ -115,17 +98,17 @@ def cmd_train(args) -> int:
 
 
 def _usage_error(message: str):
-    from affinage.errors import AffinageError
+    from affinage.errors import UserError
 
-    return AffinageError(message)
+    return UserError(message)
 
 
 def _relaunch_train(args, recipe, nproc: int) -> int:
     """``affinage train --nproc N`` (or a sharded strategy on one process): check once, then torchrun."""
     import torch
 
-    from affinage.dist.configs import model_hidden_size, render
-    from affinage.dist.launch import relaunch_train
+    from affinage.distributed.configs import model_hidden_size, render
+    from affinage.distributed.launch import relaunch_train
 
     # the strategy's config is rendered and checked (DeepSpeed's own parser) before any process starts
     render(recipe, world_size=nproc, accumulation=recipe.training.gradient_accumulation(nproc),
@@ -141,7 +124,7 @@ def cmd_plan(args) -> int:
     recipe = _load(args, world_size=args.world_size)
     plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
     if recipe.distributed.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload"):
-        from affinage.dist.configs import config_path, model_hidden_size, render
+        from affinage.distributed.configs import config_path, model_hidden_size, render
 
         # the strategy's file, filled from the recipe and checked (DeepSpeed's own parser) as a GPU run would
         render(recipe, world_size=args.world_size, accumulation=plan.gradient_accumulation, on_gpu=True,
@@ -216,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = recipe_cmd("plan", "check a recipe and print what it will do, without loading weights")
     c.add_argument("--world-size", type=int, default=1, help="number of GPUs/processes to plan for")
-    from affinage.dist.memory import GPU_MEMORY_GIB
+    from affinage.distributed.memory import GPU_MEMORY_GIB
 
     c.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB), help="GPU kind: say whether each strategy fits its memory")
     c.add_argument("--json", action="store_true", help="machine-readable output")
@@ -286,10 +269,11 @@ def cmd_card(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _quiet_libraries()
-    errors = _user_errors()
+    from affinage.errors import UserError
+
     try:
         return args.func(args)
-    except errors as e:
+    except UserError as e:
         print(f"affinage: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

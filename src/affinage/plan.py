@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from affinage.dist.memory import MemoryEstimate, estimate_memory, human_bytes
+from affinage.distributed.memory import MemoryEstimate, estimate_memory, human_bytes
 from affinage.recipe.schema import Recipe
 
 
@@ -31,7 +31,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     memory_by_strategy: dict[str, MemoryEstimate] = field(default_factory=dict)  # same run under each strategy
     memory_full_finetune: MemoryEstimate | None = None  # LoRA recipes: the same run as a full fine-tune
-    gpu: str | None = None  # GPU kind the fit verdicts are for (affinage.dist.memory.GPU_MEMORY_GIB)
+    gpu: str | None = None  # GPU kind the fit verdicts are for (affinage.distributed.memory.GPU_MEMORY_GIB)
 
     def as_dict(self) -> dict:
         return {
@@ -167,7 +167,7 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         world_size=world_size,
         params_layer=_layer_params(model, layers),
     )
-    from affinage.dist.memory import STRATEGIES
+    from affinage.distributed.memory import STRATEGIES
     from affinage.recipe.schema import DistributedSpec
 
     def per_strategy(trainable_params: int, quantized: bool) -> dict[str, MemoryEstimate]:
@@ -189,13 +189,13 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
     memory = by_strategy[chosen]
     full_ft = per_strategy(total, False)[chosen] if recipe.method.kind == "lora" else None
     if gpu is not None:
-        from affinage.dist.memory import GPU_MEMORY_GIB
+        from affinage.distributed.memory import GPU_MEMORY_GIB
 
         if gpu not in GPU_MEMORY_GIB:
-            from affinage.errors import AffinageError
+            from affinage.errors import UserError
 
-            raise AffinageError(f"unknown GPU kind {gpu!r}; known: {', '.join(GPU_MEMORY_GIB)}")
-    from affinage.dist.memory import DTYPE_BYTES
+            raise UserError(f"unknown GPU kind {gpu!r}; known: {', '.join(GPU_MEMORY_GIB)}")
+    from affinage.distributed.memory import DTYPE_BYTES
 
     b = DTYPE_BYTES[dtype]
     if recipe.method.kind == "full":
@@ -265,7 +265,7 @@ def _strategy_table(plan: Plan) -> list[str]:
     head = f"{'strategy':<15} {'weights':>10} {'grads':>10} {'optimizer':>10} {'act+logits':>11} {'total/GPU':>10} {'CPU RAM':>9}"
     if plan.gpu:
         head += f"  fit on {plan.gpu}"
-    lines = [f"per strategy    {plan.world_size} process(es); estimates, see affinage.dist.memory", "  " + head]
+    lines = [f"per strategy    {plan.world_size} process(es); estimates, see affinage.distributed.memory", "  " + head]
     chosen = plan.recipe.distributed.strategy
     for name, m in plan.memory_by_strategy.items():
         row = (f"{name + (' *' if name == chosen else ''):<15} {human_bytes(m.weights):>10} {human_bytes(m.gradients):>10} "

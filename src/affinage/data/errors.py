@@ -6,10 +6,11 @@ where (file:line) and what to do, never a bare KeyError from deep inside tokeniz
 
 from __future__ import annotations
 
+from affinage.errors import UserError
 from dataclasses import dataclass, field
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source, record or chat template that cannot be used as it is; the message says the fix.
 
     ``where`` (file:line) and ``reason`` (a short category such as "bad JSON") are kept apart from

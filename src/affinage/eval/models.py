@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from affinage.errors import AffinageError
+from affinage.errors import UserError
 from affinage.recipe.schema import ModelSpec, Recipe
 
 
@@ -59,7 +59,7 @@ def _adapter_base_name(adapter: Path) -> str:
     cfg = adapter / "adapter_config.json"
     name = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
     if not name:
-        raise AffinageError(f"{cfg} names no base model (base_model_name_or_path): pass --base MODEL")
+        raise UserError(f"{cfg} names no base model (base_model_name_or_path): pass --base MODEL")
     return name
 
 
@@ -89,7 +89,7 @@ def resolve_target(target: str | os.PathLike, *, base: Optional[str] = None, com
         elif (run.final / "config.json").is_file():
             t.tuned = ModelRef(f"fine-tuned ({run.final.name}/)", _folder_spec(run.final))
         else:
-            raise AffinageError(
+            raise UserError(
                 f"{run.root} has no trained model yet (no final/ or merged/): finish the training first "
                 f"(affinage train {run.recipe} resumes it)"
             )
@@ -165,7 +165,7 @@ def load(ref: ModelRef, *, device: str, reuse_base: Any = None) -> Loaded:
         path = resolve_model_path(spec.name_or_path, revision=spec.revision, mirrors=spec.mirrors)
         if spec.init == "random":
             if ref.seed is None:
-                raise AffinageError(f"{ref.description}: a random-init base needs the recipe's seed")
+                raise UserError(f"{ref.description}: a random-init base needs the recipe's seed")
             model = build_random_model(load_config(spec, path), ref.seed, dtype, attn_implementation=attn,
                                        trust_remote_code=spec.trust_remote_code)
         else:

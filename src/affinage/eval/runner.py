@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from affinage.errors import AffinageError
+from affinage.errors import UserError
 from affinage.eval import harness, mcq, perplexity
 from affinage.eval.generation import generate
 from affinage.eval.models import (Target, context_length, count_parameters, default_device, eval_dtype, load,
@@ -59,14 +59,14 @@ def load_spec_file(path: str) -> EvalSpec:
     try:
         data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except OSError as e:
-        raise AffinageError(f"--spec {path}: cannot read ({e.strerror})") from None
+        raise UserError(f"--spec {path}: cannot read ({e.strerror})") from None
     if isinstance(data, dict) and "eval" in data and len(data) == 1:
         data = data["eval"]
     try:
         return EvalSpec.model_validate(data)
     except ValidationError as e:
         lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise AffinageError(f"--spec {path}: " + "; ".join(lines)) from None
+        raise UserError(f"--spec {path}: " + "; ".join(lines)) from None
 
 
 def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
@@ -96,7 +96,7 @@ def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
     names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq}
     unknown = wanted - set(KINDS) - names
     if unknown:
-        raise AffinageError(
+        raise UserError(
             f"--tasks: unknown {', '.join(sorted(unknown))}. Valid: {', '.join(KINDS)}"
             + (f", or set names {', '.join(sorted(names))}" if names else "")
         )
@@ -239,7 +239,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
         recipe_spec = load_recipe(probe / "recipe.yaml").eval
     spec = spec or recipe_spec
     if spec is None:
-        raise AffinageError(NO_SPEC)
+        raise UserError(NO_SPEC)
     spec = select(spec, tasks)
     compare = spec.compare_base if compare_base is None else compare_base
     t: Target = resolve_target(target, base=base, compare_base=compare, spec_base=spec.base)

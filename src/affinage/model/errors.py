@@ -7,10 +7,11 @@ inside ``transformers`` after minutes in the queue.
 
 from __future__ import annotations
 
+from affinage.errors import UserError
 from typing import Sequence
 
 
-class ModelError(RuntimeError):
+class ModelError(UserError, RuntimeError):
     """Base class: a model, tokenizer or adapter that cannot be used as the recipe asks."""
 
 

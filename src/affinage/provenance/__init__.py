@@ -40,12 +40,12 @@ def write_run_provenance(recipe, run, result=None, *, training_process: bool = T
 
 def regenerate(run_dir: str | Path) -> dict[str, Path]:
     """``affinage card RUN_DIR``: rebuild everything from the run directory's files."""
-    from affinage.errors import AffinageError
+    from affinage.errors import UserError
     from affinage.recipe.loader import load_recipe
     from affinage.run import RunDir
 
     root = Path(run_dir)
     if not (root / "recipe.yaml").is_file():
-        raise AffinageError(f"{root} is not a run directory (no recipe.yaml): give the folder `affinage train` wrote")
+        raise UserError(f"{root} is not a run directory (no recipe.yaml): give the folder `affinage train` wrote")
     run = RunDir(root.resolve())
     return write_run_provenance(load_recipe(run.recipe), run, training_process=False)

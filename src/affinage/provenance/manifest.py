@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 from urllib.parse import urlparse
 
-from affinage.errors import AffinageError
+from affinage.errors import UserError
 from affinage.eval.sets import file_sha256
 from affinage.provenance import compute as compute_mod
 from affinage.provenance import energy as energy_mod
@@ -110,14 +110,14 @@ def read_sidecar(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except (OSError, yaml.YAMLError) as e:
-        raise AffinageError(f"{path}: cannot read this provenance sidecar ({e})") from None
+        raise UserError(f"{path}: cannot read this provenance sidecar ({e})") from None
     if isinstance(data, dict) and "license" in data and "licence" not in data:
         data["licence"] = data.pop("license")
     try:
         return SourceCardSpec.model_validate(data).model_dump(exclude_none=True)
     except ValidationError as e:
         problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise AffinageError(f"{path}: {problems}. Keys: licence, origin, category, description, domains, opt_out, collected") from None
+        raise UserError(f"{path}: {problems}. Keys: licence, origin, category, description, domains, opt_out, collected") from None
 
 
 def _record_text(data: dict, spec) -> str:

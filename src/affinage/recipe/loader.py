@@ -21,6 +21,7 @@ whole explanation (no traceback needed).
 
 from __future__ import annotations
 
+from affinage.errors import UserError
 import copy
 import difflib
 import os
@@ -92,7 +93,7 @@ class Problem:
         return ": ".join(part for part in (str(self.origin), self.key, self.message) if part)
 
 
-class RecipeError(Exception):
+class RecipeError(UserError):
     """A recipe that cannot be used; ``str()`` is the full, human explanation (one line per problem)."""
 
     def __init__(self, problems: Sequence[Problem], source: str = "recipe"):

@@ -335,7 +335,7 @@ class DistributedSpec(Strict):
 
     The process count comes from the launch (``affinage train --nproc N``, torchrun, SLURM), never from
     here. Files: ``configs/deepspeed/<strategy>.json`` and ``configs/accelerate/fsdp2.yaml`` (see
-    ``affinage.dist``); batch sizes, accumulation, clipping, dtype and optimizer are always the recipe's.
+    ``affinage.distributed``); batch sizes, accumulation, clipping, dtype and optimizer are always the recipe's.
     """
 
     strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload"] = Field(
@@ -557,11 +557,11 @@ class Recipe(Strict):
         """``output.dir`` with ``{name}``, ``~`` and environment variables (``$WORK``) expanded."""
         import os
 
-        from affinage.errors import AffinageError
+        from affinage.errors import UserError
 
         path = os.path.expanduser(os.path.expandvars(self.output.dir.format(name=self.name)))
         if "$" in path:
-            raise AffinageError(
+            raise UserError(
                 f"output.dir {self.output.dir!r} uses an environment variable that is not set here ({path}): "
                 "set it (e.g. export WORK=/path/to/storage) or pass --run-dir / --set output.dir=..."
             )

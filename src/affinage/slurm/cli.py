@@ -88,14 +88,14 @@ def add_commands(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from affinage.recipe.loader import RecipeError
+    from affinage.errors import UserError
 
     parser = argparse.ArgumentParser(prog="affinage", description="SLURM commands of affinage")
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except RecipeError as e:
+    except UserError as e:
         print(f"affinage: error: {e}", file=sys.stderr)
         return 2
 

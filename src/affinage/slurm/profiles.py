@@ -13,6 +13,7 @@ allows or a QoS the GPU kind does not have, listing the valid choices.
 
 from __future__ import annotations
 
+from affinage.errors import UserError
 import os
 import re
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ _MEMORY = re.compile(r"^\d+[KMGT]?$")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile that cannot be read, or a request the profile cannot satisfy; ``str()`` says why."""
 
 

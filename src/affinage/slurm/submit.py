@@ -12,6 +12,7 @@ job array per stage; task ``i`` runs in ``RUN_DIR/sweep-<i>`` with its own resol
 
 from __future__ import annotations
 
+from affinage.errors import UserError
 import argparse
 import itertools
 import os
@@ -43,7 +44,7 @@ BUILTIN_STAGES = {
 }
 
 
-class SubmitError(ValueError):
+class SubmitError(UserError, ValueError):
     """A submission that cannot go ahead; ``str()`` says why and what to do."""
 
 

@@ -76,7 +76,7 @@ class TrainResult:
 
 
 def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None):
-    """``TrainingArguments`` from the recipe; ``strategy`` (``affinage.dist.strategies.DistributedSetup``)
+    """``TrainingArguments`` from the recipe; ``strategy`` (``affinage.distributed.strategies.DistributedSetup``)
     adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``."""
     from transformers import TrainingArguments
 
@@ -196,10 +196,10 @@ def train(
     if is_main and resume_from is None:
         run.metrics.unlink(missing_ok=True)
 
-    # ---- distributed strategy hook (affinage.dist, owner: dist) ------------------------------------
+    # ---- distributed strategy hook (affinage.distributed, owner: dist) ------------------------------------
     # Before the model loads: process group, ZeRO-3 load-time partitioning, FSDP2 rank-0 loading,
     # DeepSpeed universal conversion when resuming on another world size.
-    from affinage.dist.strategies import setup_distributed
+    from affinage.distributed.strategies import setup_distributed
 
     strategy = setup_distributed(recipe, run.root, world_size=world_size, accumulation=accumulation, resume_from=resume_from)
     # ------------------------------------------------------------------------------------------------

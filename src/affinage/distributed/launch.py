@@ -3,7 +3,7 @@
 Measured on CPU (STACK-NOTES): ``accelerate launch --cpu --num_processes 2`` starts one process;
 ``--use_deepspeed`` asserts or runs DDP; torchrun without CPU mode starts unsynchronised copies. So
 every multi-process path here is ``python -m torch.distributed.run`` running ``affinage train``,
-and the strategy itself is chosen inside each process from the recipe (``affinage.dist.strategies``).
+and the strategy itself is chosen inside each process from the recipe (``affinage.distributed.strategies``).
 
 - ``affinage train RECIPE --nproc N`` (one machine) re-executes itself as
   ``torchrun --standalone --nproc_per_node N -m affinage.cli train RECIPE ...`` with :func:`launch_env`.

@@ -1,4 +1,4 @@
-"""Fixtures of tests/dist (helpers are in dist_helpers.py: a module name no other test folder uses)."""
+"""Fixtures of tests/distributed (helpers are in dist_helpers.py: a module name no other test folder uses)."""
 
 from __future__ import annotations
 

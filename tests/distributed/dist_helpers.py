@@ -1,7 +1,7 @@
-"""Helpers of tests/dist: real 2-process launches for the sharding strategies, and what they leave to assert on.
+"""Helpers of tests/distributed: real 2-process launches for the sharding strategies, and what they leave to assert on.
 
 Every process pays ~12 s of imports on 2 cores, so launches are shared: one torchrun launch per
-strategy (``tests/dist/dist_driver.py``) trains an uninterrupted reference run *and* a run stopped at a
+strategy (``tests/distributed/dist_driver.py``) trains an uninterrupted reference run *and* a run stopped at a
 step and resumed, in the same process group, and is reused by every test that needs it
 (session-scoped). Tests assert what really ran from ``RUN_DIR/distributed/runtime.json`` (written by
 every rank: engine, ZeRO stage, optimizer classes, local vs full parameter counts, DTensor
@@ -79,7 +79,7 @@ output: {{dir: {folder / 'run'}}}
 
 
 def _env(nproc: int) -> dict:
-    from affinage.dist.launch import launch_env
+    from affinage.distributed.launch import launch_env
 
     env = launch_env(nproc)
     env.pop("RANK", None), env.pop("LOCAL_RANK", None), env.pop("WORLD_SIZE", None)
@@ -123,7 +123,7 @@ def launch_driver(recipe: Path, nproc: int, out: Path, *, ref: Path | None = Non
 
 
 def runtime(run_dir: Path) -> dict:
-    from affinage.dist.strategies import read_runtime
+    from affinage.distributed.strategies import read_runtime
 
     return read_runtime(run_dir)
 

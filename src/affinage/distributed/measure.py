@@ -1,6 +1,6 @@
 """Measure each strategy on this machine: step time, memory per process, against the plan's estimate.
 
-    python -m affinage.dist.measure [--nproc 2] [--hidden 512 --layers 8] [--strategies ddp,fsdp2,...] [--out DIR]
+    python -m affinage.distributed.measure [--nproc 2] [--hidden 512 --layers 8] [--strategies ddp,fsdp2,...] [--out DIR]
 
 Builds a random-init Llama of the given size (tokenizer of the demo), trains it ``--steps`` steps
 with ``affinage train --nproc N`` under every strategy, and prints one row per strategy:
@@ -80,7 +80,7 @@ output: {{dir: {folder / strategy}}}
 
 
 def measure(strategy: str, folder: Path, model: Path, args) -> dict:
-    from affinage.dist.launch import launch_env
+    from affinage.distributed.launch import launch_env
     from affinage.plan import make_plan
     from affinage.recipe.loader import load_recipe
 
@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     folder = Path(args.out or tempfile.mkdtemp(prefix="affinage-measure-"))
     folder.mkdir(parents=True, exist_ok=True)
     model = build_model(folder / "model", args.hidden, args.layers, args.intermediate or 3 * args.hidden)
-    from affinage.dist.memory import human_bytes
+    from affinage.distributed.memory import human_bytes
 
     results = []
     print(f"{'strategy':<14} {'step':>8} {'states meas.':>13} {'states est.':>12} {'err':>6} {'peak Δ RSS':>11} {'est. total':>11} {'err':>6}")

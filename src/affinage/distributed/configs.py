@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from affinage.errors import AffinageError
+from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
 
 CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"
@@ -36,7 +36,7 @@ ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
 ADAM_EPS = 1e-8  # TrainingArguments' default adam_epsilon (the recipe has no key for it)
 
 
-class DistributedConfigError(AffinageError):
+class DistributedConfigError(UserError):
     """A distributed config file that cannot be used with this recipe; ``str()`` says what to change."""
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from affinage.dist import configs as dcfg
-from affinage.dist.launch import launch_command, launch_env
+from affinage.distributed import configs as dcfg
+from affinage.distributed.launch import launch_command, launch_env
 from affinage.recipe.loader import RecipeError, load_recipe, load_recipe_dict
 
 BASE = {
@@ -221,7 +221,7 @@ def test_dist_plan_checks_the_strategy_config(tmp_path, tiny_llama_dir, demo_dat
 
 def test_dist_relaunch_reports_a_requested_stop_as_exit_3(tmp_path, monkeypatch):
     """torchrun turns the trainer's "stopped after a checkpoint" (exit 3) into 1: the launcher reads summary.json."""
-    import affinage.dist.launch as launch
+    import affinage.distributed.launch as launch
 
     calls = []
 

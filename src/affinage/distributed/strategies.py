@@ -2,7 +2,7 @@
 
 ``setup_distributed`` runs in every process before the model is loaded (``train()``'s strategy hook).
 It checks the strategy against the launch, starts the process group, renders the strategy's config
-(``affinage.dist.configs``), and prepares what must exist before ``from_pretrained``: under ZeRO-3 a
+(``affinage.distributed.configs``), and prepares what must exist before ``from_pretrained``: under ZeRO-3 a
 live ``HfDeepSpeedConfig`` so that the weights are partitioned as they load. The returned
 :class:`DistributedSetup` gives the ``TrainingArguments`` keywords and a Trainer subclass.
 
@@ -37,15 +37,15 @@ from typing import Optional
 import torch
 from transformers import TrainerCallback
 
-from affinage.dist import configs as dcfg
-from affinage.errors import AffinageError
+from affinage.distributed import configs as dcfg
+from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
 
 DIST_DIR = "distributed"  # RUN_DIR/distributed/: rendered config, runtime report
 RUNTIME_FILE = "runtime.json"
 
 
-class StrategyError(AffinageError):
+class StrategyError(UserError):
     """A strategy that cannot run as launched; ``str()`` says what to do."""
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import pytest
 from dist_helpers import STRATEGIES, runtime
 
-from affinage.dist.memory import GPU_MEMORY_GIB, estimate_memory
+from affinage.distributed.memory import GPU_MEMORY_GIB, estimate_memory
 
 
 def _estimate(runs, strategy: str):

@@ -7,5 +7,5 @@
   recipe and checked (DeepSpeed's own parser).
 - ``launch``: ``affinage train --nproc N`` → torchrun; ``launch_command`` for one or several nodes.
 - ``memory``: peak memory per GPU by component, per strategy (``affinage plan``).
-- ``measure``: step time and memory of every strategy on this machine (``python -m affinage.dist.measure``).
+- ``measure``: step time and memory of every strategy on this machine (``python -m affinage.distributed.measure``).
 """

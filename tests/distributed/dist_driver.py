@@ -1,4 +1,4 @@
-"""Runs inside every process of a torchrun launch (tests/dist): several trainings in one process group.
+"""Runs inside every process of a torchrun launch (tests/distributed): several trainings in one process group.
 
 Starting Python with transformers costs ~12 s per process on 2 cores, so one launch does what a
 test needs: ``--ref DIR`` an uninterrupted run; ``--cut DIR`` the same recipe stopped at a step
@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args()
     _quiet_libraries()
-    from affinage.dist.strategies import finish_distributed
+    from affinage.distributed.strategies import finish_distributed
     from affinage.recipe.loader import load_recipe
     from affinage.run import RunDir
     from affinage.train.trainer import STOP_FILE, train, world_size_from_env
