@@ -128,7 +128,10 @@ def test_merged_real_model_reloads_in_plain_transformers(legal_run):
         expected = adapted(input_ids=ids).logits
         got = merged(input_ids=ids).logits
     assert (expected - base_logits).abs().max() > 1e-2  # the adapter changed the model
-    assert (got - expected).abs().max() < 1e-4
+    scale = expected.abs().max().item()
+    assert (got - expected).abs().max() < 1e-4 * scale  # float32 rounding only, relative to the logits' size
+    report = json.loads((merged_dir / "merge_report.json").read_text())
+    assert report["max_abs_logit_diff"] < report["tolerance"] and report["dtype"] == "float32"
 
     prompt = tok.apply_chat_template([{"role": "user", "content": "Qu'est-ce qu'un contrat ?"}],
                                      add_generation_prompt=True, return_tensors="pt", return_dict=True)
