@@ -56,7 +56,8 @@ def eval_dir(root: Path) -> Path:
 
 def load_spec_file(path: str) -> EvalSpec:
     import yaml
-    from pydantic import ValidationError
+
+    from affinage.recipe.problems import validate
 
     p = expand(path)
     try:
@@ -65,11 +66,7 @@ def load_spec_file(path: str) -> EvalSpec:
         raise UserError(f"--spec {path}: cannot read ({e.strerror})") from None
     if isinstance(data, dict) and "eval" in data and len(data) == 1:
         data = data["eval"]
-    try:
-        return EvalSpec.model_validate(data)
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise UserError(f"--spec {path}: " + "; ".join(lines)) from None
+    return validate(EvalSpec, data, file=p)
 
 
 def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),

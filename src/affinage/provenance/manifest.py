@@ -104,8 +104,8 @@ def find_sidecar(path: Path) -> Optional[Path]:
 
 def read_sidecar(path: Path) -> dict:
     import yaml
-    from pydantic import ValidationError
 
+    from affinage.recipe.problems import validate
     from affinage.recipe.schema import SourceCardSpec
 
     try:
@@ -114,11 +114,8 @@ def read_sidecar(path: Path) -> dict:
         raise UserError(f"{path}: cannot read this provenance sidecar ({e})") from None
     if isinstance(data, dict) and "license" in data and "licence" not in data:
         data["licence"] = data.pop("license")
-    try:
-        return SourceCardSpec.model_validate(data).model_dump(exclude_none=True)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise UserError(f"{path}: {problems}. Keys: licence, origin, category, description, domains, opt_out, collected") from None
+    card = validate(SourceCardSpec, data, file=path, hint="A provenance sidecar's keys: licence, origin, category, description, domains, opt_out, collected")
+    return card.model_dump(exclude_none=True)
 
 
 def _record_text(data: dict, spec) -> str:
