@@ -163,3 +163,19 @@ def test_cache_snapshot_must_hold_a_model(clean_env, tmp_path):
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model_path("org/name")
     assert resolve_model_path("org/name", kind="tokenizer") == snap.resolve()
+
+
+def test_hf_cache_resolution_agrees_with_huggingface_hub(clean_env, tmp_path, no_network):
+    """Where huggingface_hub finds a snapshot offline, we find the same folder (ours adds diagnostics)."""
+    from huggingface_hub import snapshot_download
+
+    cache = tmp_path / "hub"
+    clean_env.setenv("HF_HUB_CACHE", str(cache))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _hf_cache(cache, commit="1111111111111111111111111111111111111111", refs={"main": "1111111111111111111111111111111111111111"})
+    _hf_cache(cache, commit=commit, refs={"v1.0": commit})
+    for ref in (cache / "models--org--name" / "refs").iterdir():  # huggingface_hub writes refs without a newline
+        ref.write_text(ref.read_text().strip())
+    for revision in (None, "v1.0", commit):
+        theirs = snapshot_download("org/name", revision=revision, cache_dir=str(cache), local_files_only=True)
+        assert resolve_model_path("org/name", revision=revision) == type(resolve_model_path("org/name"))(theirs).resolve()

@@ -7,7 +7,11 @@ model hangs or fails late. So ``model.name_or_path`` is looked up, in order, as
 2. an entry of the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
    ``~/.cache/huggingface/hub``), laid out ``models--org--name/snapshots/<commit>`` with
    ``refs/<revision>`` naming the commit — read directly, no ``huggingface_hub`` call that could
-   reach the network;
+   reach the network. ``huggingface_hub.snapshot_download(local_files_only=True)`` finds the same
+   folder (a test checks both agree) but answers a miss with one exception, where a user on a
+   compute node needs to know *what* is missing (no refs/main, an incomplete snapshot, a revision
+   that is not there); it also refuses a cache filled by commit with no ``refs/main``, which we
+   accept when it holds a single snapshot;
 3. each mirror folder of ``model.mirrors`` as ``<mirror>/<org>/<name>`` (Jean Zay's
    ``$DSDIR/HuggingFace_Models``); a mirror whose variable is unset is skipped, and said so.
 
