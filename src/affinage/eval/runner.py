@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +29,7 @@ from affinage.eval.sets import read_mcq, read_prompts, read_text_set
 from affinage.hashing import FileHasher
 from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
-from affinage.recipe.schema import EvalSpec, GenerationSpec, McqSetSpec, PerplexitySetSpec
+from affinage.recipe.schema import EvalSpec, McqSetSpec, PerplexitySetSpec
 from affinage.model.load import count_parameters
 
 KINDS = ("perplexity", "mcq", "generation", "lm_eval")
@@ -69,23 +70,66 @@ def load_spec_file(path: str) -> EvalSpec:
     return validate(EvalSpec, data, file=p)
 
 
+_SET_OPTIONS = {
+    "perplexity": ("text_field", "role", "max_records", "group_field"),
+    "mcq": ("role", "num_fewshot", "fewshot_path", "template", "max_items", "question_field", "choices_field",
+            "answer_field", "group_field"),
+}
+
+
+def _set_from_cli(text: str, kind: str, flag: str, **fixed) -> dict:
+    """``NAME=PATH[,key=value...]`` (or a bare path) as an eval set's keys; unknown keys are refused."""
+    head, *options = text.split(",")
+    name, sep, path = head.partition("=")
+    if not sep:
+        path, name = head, Path(head).stem
+    entry: dict[str, Any] = {"name": name.strip(), "path": path.strip(), **fixed}
+    for option in options:
+        key, sep, value = option.partition("=")
+        key = key.strip()
+        if not sep or key not in _SET_OPTIONS[kind]:
+            raise UserError(f"{flag} {text!r}: {key!r} is not an option of a {kind} set. Write {flag} NAME=PATH[,key=value…] "
+                            f"with keys among {', '.join(_SET_OPTIONS[kind])} (a value with a comma: use --spec FILE)")
+        entry[key] = int(value) if value.strip().isdigit() else value.replace("\\n", "\n")
+    return entry
+
+
 def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
                prompts: Optional[str] = None) -> Optional[EvalSpec]:
-    """An :class:`EvalSpec` from command-line ``NAME=PATH`` pairs (or bare paths)."""
-    def pair(text: str) -> tuple[str, str]:
-        name, sep, path = text.partition("=")
-        if not sep:
-            path, name = text, Path(text).stem
-        return name, path
+    """An :class:`EvalSpec` from command-line sets: ``NAME=PATH`` or a bare path, then ``,key=value`` options.
+
+    ``--mcq culture=qcm.jsonl,answer_field=answer_index,role=forgetting`` sets what a recipe's
+    ``eval.mcq`` entry would (``template`` too, with ``\\n`` for a newline).
+    """
+    from affinage.recipe.problems import validate
 
     if not (ppl or forgetting or mcq_sets or prompts):
         return None
-    return EvalSpec(
-        perplexity=[PerplexitySetSpec(name=n, path=p) for n, p in map(pair, ppl)]
-        + [PerplexitySetSpec(name=n, path=p, role="forgetting") for n, p in map(pair, forgetting)],
-        mcq=[McqSetSpec(name=n, path=p) for n, p in map(pair, mcq_sets)],
-        generation=GenerationSpec(path=prompts) if prompts else None,
-    )
+    data = {
+        "perplexity": [_set_from_cli(t, "perplexity", "--ppl") for t in ppl]
+        + [_set_from_cli(t, "perplexity", "--forgetting", role="forgetting") for t in forgetting],
+        "mcq": [_set_from_cli(t, "mcq", "--mcq") for t in mcq_sets],
+        "generation": {"path": prompts} if prompts else None,
+    }
+    return validate(EvalSpec, data, hint="(from the command line: --ppl, --forgetting, --mcq, --prompts)")
+
+
+def combine(recipe_spec: Optional[EvalSpec], extra: Optional[EvalSpec], replace: bool = False) -> Optional[EvalSpec]:
+    """The recipe's eval sets plus the command line's (``replace``: the command line's alone).
+
+    A command-line set with the name of a recipe set replaces that one, so ``--mcq culture=new.jsonl``
+    can point an existing set at another file.
+    """
+    if extra is None or recipe_spec is None or replace:
+        return extra or recipe_spec
+    def merged(mine, theirs):
+        names = {s.name for s in theirs}
+        return [s for s in mine if s.name not in names] + list(theirs)
+    return recipe_spec.model_copy(update={
+        "perplexity": merged(recipe_spec.perplexity, extra.perplexity),
+        "mcq": merged(recipe_spec.mcq, extra.mcq),
+        "generation": extra.generation or recipe_spec.generation,
+    })
 
 
 def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
@@ -234,20 +278,28 @@ def _lm_eval_entry(raw: dict, spec: EvalSpec) -> dict:
 def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequence[str]] = None,
              base: Optional[str] = None, compare_base: Optional[bool] = None, out_dir=None,
              limit: Optional[int] = None, batch_size: Optional[int] = None, device: Optional[str] = None,
-             progress: bool = True, write: bool = True) -> dict:
+             progress: bool = True, write: bool = True, extra: Optional[EvalSpec] = None, replace: bool = False,
+             overrides: Sequence[str] = ()) -> dict:
     """Evaluate ``target`` (run dir, model folder or offline id) and write ``eval/results.json``; returns the results.
 
     The report and model card are written from those files by ``affinage.evaluate`` (eval never
     imports provenance).
     """
     start = time.monotonic()
-    probe = Path(str(target))
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a number of records per set of at least 1 (or leave it out for all)")
+    probe = expand(target)
+    if not probe.exists() and (os.sep in str(target) or str(target).startswith(".")):
+        raise UserError(f"{target}: no such run directory or model folder (looked at {probe.absolute()})")
     recipe_spec = None
     if (probe / "recipe.yaml").is_file():
         from affinage.recipe.loader import load_recipe
 
-        recipe_spec = load_recipe(probe / "recipe.yaml").eval
-    spec = spec or recipe_spec
+        recipe_spec = load_recipe(probe / "recipe.yaml", overrides=overrides).eval
+    elif overrides:
+        raise UserError(f"--set applies to a run's recipe ({target} has no recipe.yaml): give the eval sets with "
+                        "--spec FILE or --ppl/--mcq NAME=PATH,key=value")
+    spec = combine(spec or recipe_spec, extra, replace)
     if spec is None:
         raise UserError(NO_SPEC)
     spec = select(spec, tasks)
