@@ -66,14 +66,6 @@ def test_pipeline_names_need_their_command():
         pipeline_stages(["train", "train"])
 
 
-def test_missing_command_stage_is_refused(monkeypatch):
-    monkeypatch.setattr("affinage.slurm.submit.affinage_commands", lambda: {"train", "plan"})
-    with pytest.raises(SubmitError, match="'eval': this affinage has no such command. Valid choices: train"):
-        pipeline_stages(["train", "eval"])
-    monkeypatch.setattr("affinage.slurm.submit.affinage_commands", lambda: {"train", "prepare", "eval"})
-    assert [s.name for s in pipeline_stages(["prepare", "train", "eval"])] == ["prepare", "train", "eval"]
-
-
 def test_refusals_happen_before_anything_is_written(tmp_path, recipe):
     run = tmp_path / "run"
     with pytest.raises(ProfileError, match="Valid choices"):
