@@ -3,8 +3,8 @@
 - ``strategies``: the hook ``train()`` calls before the model loads (process group, DeepSpeed/FSDP2
   settings, universal-checkpoint conversion), the Trainer subclass (FSDP2 on CPU, gathered final save)
   and ``RUN_DIR/distributed/runtime.json`` (what really ran, per rank).
-- ``configs``: ``configs/deepspeed/*.json`` and ``configs/accelerate/fsdp2.yaml`` filled from the
-  recipe and checked (DeepSpeed's own parser).
+- ``configs``: the shipped ``deepspeed/*.json`` and ``accelerate/fsdp2.yaml`` (:mod:`affinage.resources`,
+  ``configs/`` in a checkout) or the recipe's own file, filled from the recipe and checked (DeepSpeed's own parser).
 - ``launch``: ``affinage train --nproc N`` → torchrun; ``launch_command`` for one or several nodes.
 - ``memory``: peak memory per GPU by component, per strategy (``affinage plan``).
 - ``measure``: step time and memory of every strategy on this machine (``python -m affinage.distributed.measure``).
