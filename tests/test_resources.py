@@ -77,3 +77,22 @@ def test_nothing_under_src_reads_a_path_above_the_package():
 def test_importlib_resources_has_one_home():
     users = [p.relative_to(SRC).as_posix() for p in SRC.rglob("*.py") if "importlib.resources" in p.read_text(encoding="utf-8")]
     assert users == ["resources/__init__.py"]
+
+
+def test_a_name_is_the_shipped_file_a_path_is_the_users_own(tmp_path):
+    from affinage.distributed.configs import config_path, default_config_path
+    from affinage.recipe.loader import load_recipe_dict
+    from affinage.slurm.profiles import load_profile
+
+    assert load_profile("local").name == "local"
+    own = tmp_path / "my-cluster.yaml"  # any name: only a shipped profile must match its file name
+    own.write_text(resource_path("clusters", "local").read_text().replace("name: local", "name: my-lab")
+                   .replace("cpus: 1", "cpus: 3"))
+    assert load_profile(own).name == "my-lab" and load_profile(str(own)).cpu_jobs.cpus == 3
+    assert default_config_path("zero3") == resource_dir("deepspeed") / "zero3.json"
+    base = {"name": "x", "task": "cpt", "model": {"name_or_path": "m"}, "data": {"sources": [{"path": "d.jsonl"}]},
+            "training": {"global_batch_size": 2, "micro_batch_size": 1, "duration": "1 steps"}}
+    assert config_path(load_recipe_dict({**base, "distributed": {"strategy": "zero3"}})) == default_config_path("zero3")
+    mine = tmp_path / "z3.json"
+    recipe = load_recipe_dict({**base, "distributed": {"strategy": "zero3", "config": str(mine)}})
+    assert config_path(recipe) == mine
