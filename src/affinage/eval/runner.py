@@ -24,7 +24,7 @@ from affinage.eval import harness, mcq, perplexity
 from affinage.eval.generation import generate
 from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
-from affinage.eval.sets import read_mcq, read_prompts, read_texts
+from affinage.eval.sets import read_mcq, read_prompts, read_text_set
 from affinage.hashing import FileHasher
 from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
@@ -111,6 +111,7 @@ def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
 @dataclass
 class _Data:
     texts: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, Optional[list[str]]] = field(default_factory=dict)
     items: dict[str, list] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
@@ -120,11 +121,14 @@ def _read_data(spec: EvalSpec, limit: Optional[int]) -> _Data:
     d = _Data()
     for s in spec.perplexity:
         n = min(x for x in (s.max_records, limit) if x) if (s.max_records or limit) else None
-        d.texts[s.name] = read_texts(s.path, s.text_field, n)
+        text_set = read_text_set(s.path, s.text_field, n, group_field=s.group_field)
+        d.texts[s.name], d.groups[s.name] = text_set.texts, text_set.groups
     for s in spec.mcq:
         n = min(x for x in (s.max_items, limit) if x) if (s.max_items or limit) else None
-        d.items[s.name] = read_mcq(s.path, n)
-        d.pools[s.name] = read_mcq(s.fewshot_path) if s.fewshot_path else None
+        fields = {"question_field": s.question_field, "choices_field": s.choices_field, "answer_field": s.answer_field}
+        d.items[s.name] = read_mcq(s.path, n, group_field=s.group_field, **fields)
+        d.groups[s.name] = [it.group for it in d.items[s.name]] if s.group_field else None
+        d.pools[s.name] = read_mcq(s.fewshot_path, **fields) if s.fewshot_path else None
     if spec.generation:
         d.prompts = read_prompts(spec.generation.prompts, spec.generation.path)
         if limit:
@@ -170,36 +174,38 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
     return out
 
 
-def _ppl_entry(s: PerplexitySetSpec, texts, raw: dict, spec: EvalSpec) -> dict:
+def _grouping(s, groups: Optional[list[str]]) -> dict:
+    return {"group_field": s.group_field, "groups": len(set(groups))} if groups is not None else {}
+
+
+def _ppl_entry(s: PerplexitySetSpec, texts, groups, raw: dict, spec: EvalSpec) -> dict:
     entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
-                             "role": s.role, "documents": len(texts)}
+                             "role": s.role, "documents": len(texts), **_grouping(s, groups)}
     ln2 = math.log(2)
+    boot = {"groups": groups, "iterations": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed}
     for role, scores in raw.items():
         agg = perplexity.aggregate(scores)
-        agg["bits_per_byte_ci"] = ratio_ci([x.nll for x in scores], [x.bytes for x in scores], scale=1 / ln2,
-                                           iterations=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)
+        agg["bits_per_byte_ci"] = ratio_ci([x.nll for x in scores], [x.bytes for x in scores], scale=1 / ln2, **boot)
         entry[role] = agg
     if "base" in raw and "tuned" in raw:
         a, b = raw["base"], raw["tuned"]
         entry["delta"] = {"bits_per_byte": paired_ratio_delta(
-            [x.nll for x in a], [x.nll for x in b], [x.bytes for x in a], scale=1 / ln2,
-            iterations=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)}
+            [x.nll for x in a], [x.nll for x in b], [x.bytes for x in a], scale=1 / ln2, **boot)}
     return entry
 
 
-def _mcq_entry(s: McqSetSpec, items, raw: dict, spec: EvalSpec) -> dict:
+def _mcq_entry(s: McqSetSpec, items, groups, raw: dict, spec: EvalSpec) -> dict:
     entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
                              "role": s.role, "items": len(items), "num_fewshot": s.num_fewshot, "template": s.template,
-                             "chance": sum(1 / len(it.choices) for it in items) / len(items)}
+                             "chance": sum(1 / len(it.choices) for it in items) / len(items), **_grouping(s, groups)}
+    boot = {"groups": groups, "iterations": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed}
     for role, per_item in raw.items():
         agg = mcq.aggregate(per_item)
         for m in ("acc", "acc_norm"):
-            agg[f"{m}_ci"] = mean_ci([r[m] for r in per_item], iterations=spec.bootstrap, confidence=spec.confidence,
-                                     seed=spec.seed)
+            agg[f"{m}_ci"] = mean_ci([r[m] for r in per_item], **boot)
         entry[role] = agg
     if "base" in raw and "tuned" in raw:
-        entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]],
-                                               iterations=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)
+        entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]], **boot)
                           for m in ("acc", "acc_norm", "acc_norm_bytes")}
     return entry
 
@@ -290,9 +296,10 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
                      "dtype": str(eval_dtype(device)).replace("torch.", ""),
                      "bootstrap": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed, "limit": limit,
                      "torch": torch.__version__},
-        "perplexity": [_ppl_entry(s, data.texts[s.name], {r: raw[r]["perplexity"][s.name] for r in raw}, spec)
-                       for s in spec.perplexity],
-        "mcq": [_mcq_entry(s, data.items[s.name], {r: raw[r]["mcq"][s.name] for r in raw}, spec) for s in spec.mcq],
+        "perplexity": [_ppl_entry(s, data.texts[s.name], data.groups[s.name], {r: raw[r]["perplexity"][s.name] for r in raw},
+                                  spec) for s in spec.perplexity],
+        "mcq": [_mcq_entry(s, data.items[s.name], data.groups[s.name], {r: raw[r]["mcq"][s.name] for r in raw}, spec)
+                for s in spec.mcq],
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
@@ -330,6 +337,12 @@ def read_results(root: Path) -> Optional[dict]:
     return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
 
 
+def _console_verdict(d: dict) -> str:
+    if d.get("too_few"):
+        return f"too few to tell: {d['n_groups']} groups" if "n_groups" in d else f"too few to tell: {d['n']} units"
+    return "real" if d["excludes_zero"] else "not established"
+
+
 def format_results(results: dict) -> str:
     """The console summary (the report has the same numbers with plots)."""
     lines = ["", "── affinage eval " + "─" * 43]
@@ -339,7 +352,7 @@ def format_results(results: dict) -> str:
         if b and t:
             d = e["delta"]["bits_per_byte"]
             rel = d["relative"]
-            verdict = "real" if d["excludes_zero"] else "not established"
+            verdict = _console_verdict(d)
             line += (f"{b['bits_per_byte']:.4f} → {t['bits_per_byte']:.4f}  {rel['delta'] * 100:+.1f}% "
                      f"[{rel['ci_low'] * 100:+.1f}%, {rel['ci_high'] * 100:+.1f}%] ({verdict})")
         else:
@@ -350,10 +363,11 @@ def format_results(results: dict) -> str:
         line = f"{e['name']:<20} {e['role']:<10} acc "
         if b and t:
             d = e["delta"]["acc"]
-            line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-                     f"   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  ({e['items']} items)")
+            line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
+                     f"({_console_verdict(d)})   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  "
+                     f"({e['items']} items, chance {e['chance']:.3f})")
         else:
-            line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items)"
+            line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items, chance {e['chance']:.3f})"
         lines.append(line)
     if results.get("generation"):
         lines.append(f"{'generation':<20} {len(results['generation'])} prompts (see the report)")

@@ -405,14 +405,27 @@ class PerplexitySetSpec(Strict):
         "domain", description="domain: the text the training should improve; forgetting: general or other text that should not get much worse"
     )
     max_records: Optional[int] = Field(None, description="score only the first N records")
+    group_field: Optional[str] = Field(
+        None, description="field naming the unit records were cut from (book, source document): the bootstrap "
+        "resamples these groups, since passages of one book are not independent"
+    )
 
 
 class McqSetSpec(Strict):
-    """Multiple-choice items ``{"question", "choices": [...], "answer": index}`` scored by log-likelihood (lm-eval style)."""
+    """Multiple-choice items scored by log-likelihood (lm-eval style).
+
+    An item is ``{"question": str, "choices": [str, ...], "answer": 0}``; the answer may be an index
+    (from 0), a letter (``"B"``) or the text of the right choice, and the three field names can be
+    mapped for sets with other names (``answer_field: answer_index``).
+    """
 
     name: str
     path: str
     role: Literal["domain", "forgetting"] = "domain"
+    question_field: str = "question"
+    choices_field: str = "choices"
+    answer_field: str = Field("answer", description="field of the right answer: an index from 0, a letter A-Z, or the choice's text")
+    group_field: Optional[str] = Field(None, description="field naming the unit items come from; the bootstrap resamples these groups")
     num_fewshot: int = Field(0, ge=0, description="solved examples put before each question")
     fewshot_path: Optional[str] = Field(None, description="items the examples are drawn from (default: the same file, never the item itself)")
     template: str = Field("Question : {question}\nRéponse :", description="prompt; {question} is replaced")
