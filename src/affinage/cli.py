@@ -249,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("card", help="rewrite a run's provenance.json, model card, AI Act summary and report.md")
     c.add_argument("run_dir", help="run directory")
     c.set_defaults(func=cmd_card)
+
+    c = sub.add_parser("recipes", help="list the shipped recipes, or copy one (with its data) to edit and run it")
+    what = c.add_subparsers(dest="recipes_command", required=True)
+    w = what.add_parser("list", help="name, task, method, model and description of every shipped recipe")
+    w.set_defaults(func=cmd_recipes_list)
+    w = what.add_parser("copy", help="copy a shipped recipe and the files it names (base, data, eval sets, model config)")
+    w.add_argument("name", help="recipe as listed (demo/full/cpt) or its name: (demo-cpt)")
+    w.add_argument("dest", help="folder to copy into, keeping the tree's layout (created; existing files are never overwritten)")
+    w.set_defaults(func=cmd_recipes_copy)
     return p
 
 
@@ -270,6 +279,25 @@ def cmd_card(args) -> int:
 
     for what, path in regenerate(args.run_dir).items():
         print(f"{what:<15} {path}")
+    return 0
+
+
+def cmd_recipes_list(args) -> int:
+    from affinage.recipes_catalog import catalog, format_catalog
+
+    print(format_catalog(catalog()))
+    return 0
+
+
+def cmd_recipes_copy(args) -> int:
+    from affinage.recipes_catalog import copy_recipe, find_recipe, prerequisite
+
+    copied = copy_recipe(args.name, args.dest)
+    print(f"copied {len(copied.files)} files into {args.dest}; the recipe is {copied.recipe}")
+    first = prerequisite(find_recipe(args.name))
+    if first is not None:
+        print(f"it starts from the model {first.key} trains ({first.output}/final): copy and train that one first")
+    print(f"next: affinage plan {copied.recipe}   then   affinage train {copied.recipe}")
     return 0
 
 
