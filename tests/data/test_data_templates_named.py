@@ -9,7 +9,6 @@ import pytest
 
 from affinage.data.errors import DataError
 from affinage.data.templates import (
-    IGNORE_INDEX,
     NAMED_TEMPLATES,
     decode_spans,
     find_assistant_spans,
@@ -48,7 +47,7 @@ def test_named_template_masks_exactly_the_replies(trained_tokenizer, name, expec
     assert runs == expected
     for text in USERS + [SYSTEM]:
         assert text not in "".join(runs)
-    unlabelled = trained_tokenizer.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab == IGNORE_INDEX])
+    unlabelled = trained_tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if not m])
     assert all(text in unlabelled for text in USERS + [SYSTEM])
 
 
@@ -116,7 +115,7 @@ def test_named_mistral_rejects_non_alternating(trained_tokenizer):
 
 def test_truncation_inside_the_reply_keeps_partial_labels(trained_tokenizer):
     full = tokenize_chat(trained_tokenizer, CONV[1:3], 2048, chat_template=NAMED_TEMPLATES["chatml"])
-    first = next(i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX)
+    first = full.loss_mask.index(True)
     cut = tokenize_chat(trained_tokenizer, CONV[1:3], first + 2, chat_template=NAMED_TEMPLATES["chatml"])
     assert cut.truncated and cut.num_loss_tokens == 2
     none_left = tokenize_chat(trained_tokenizer, CONV[1:3], first, chat_template=NAMED_TEMPLATES["chatml"])
@@ -130,7 +129,7 @@ def test_tokenize_text_adds_bos_eos_and_chunks(trained_tokenizer):
     flat = [t for s in samples for t in s.input_ids]
     assert flat == [trained_tokenizer.bos_token_id] + ids + [trained_tokenizer.eos_token_id]
     assert all(len(s.input_ids) <= 16 for s in samples)
-    assert all(s.labels == s.input_ids for s in samples)
+    assert all(all(s.loss_mask) for s in samples)
     assert len(samples) == -(-len(flat) // 16)
     one = tokenize_text(trained_tokenizer, "Rennes.", max_length=64)
     assert len(one) == 1 and not one[0].truncated
@@ -145,8 +144,12 @@ def test_tokenize_text_without_bos(trained_tokenizer):
     assert samples[0].input_ids[-1] == trained_tokenizer.eos_token_id
 
 
-def test_label_rule_start_inside_or_straddling_span_start():
-    from affinage.data.templates import _labels_from_spans
+def test_mask_rule_overlap_and_special_tokens_only_when_inside():
+    from affinage.data.templates import mask_from_spans
 
     offsets = [(0, 3), (3, 6), (6, 9), (9, 12), (12, 12), (14, 16)]
-    assert _labels_from_spans(offsets, [(4, 9), (12, 15)]) == [False, True, True, False, True, True]
+    ids = [10, 11, 12, 13, 14, 15]
+    assert mask_from_spans(offsets, ids, [(4, 9), (12, 15)], set()) == [False, True, True, False, True, True]
+    # token 11 (3, 6) straddles the span start: a plain token carries loss, a special one does not
+    assert mask_from_spans(offsets, ids, [(4, 9), (12, 15)], {11, 15}) == [False, False, True, False, True, False]
+    assert mask_from_spans(offsets, ids, [(3, 9)], {11}) == [False, True, True, False, False, False]

@@ -48,7 +48,6 @@ from affinage.data.filters import ExactDedup, LengthFilter, NearDedup, document_
 from affinage.data.formats import canonical_kind, convert, detect_format
 from affinage.data.packing import Layout, layout_bfd, layout_concat, layout_single, padding_fraction
 from affinage.data.readers import read_source, source_path
-from affinage.data.templates import IGNORE_INDEX
 
 NO_LIMIT = 1 << 40
 CHUNK_RECORDS = 64
@@ -148,9 +147,9 @@ def _tokenize_one(tokenizer, task: str, max_length: int, packing: str, record: d
     from affinage.data.templates import tokenize_chat, tokenize_text
 
     if task == "sft":
-        s = tokenize_chat(tokenizer, record["messages"], NO_LIMIT)
+        s = tokenize_chat(tokenizer, record["messages"], NO_LIMIT, tools=record.get("tools"))
         ids = np.asarray(s.input_ids, dtype=np.uint32)
-        mask = np.asarray([lab != IGNORE_INDEX for lab in s.labels], dtype=np.uint8)
+        mask = np.asarray(s.loss_mask, dtype=np.uint8)
         full = len(ids)
         return [(ids[:max_length], mask[:max_length])], full, full > max_length
     chunks = tokenize_text(tokenizer, record["text"], NO_LIMIT)

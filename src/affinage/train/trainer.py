@@ -50,7 +50,7 @@ class SampleDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.samples[i]
-        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
+        return {"input_ids": list(s.input_ids), "labels": [t if m else -100 for t, m in zip(s.input_ids, s.loss_mask)]}
 
 
 @dataclass
