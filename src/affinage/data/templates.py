@@ -220,6 +220,37 @@ def end_markers(tokenizer) -> tuple[str, ...]:
     return tuple(sorted(marks, key=len, reverse=True))
 
 
+def header_tokens(tokenizer, chat_template: Optional[str], marks: Sequence[str]) -> set[str]:
+    """Special tokens of the template's role headers: those it writes around a user message and in its
+    generation prompt (``<|im_start|>``, ``[INST]``, ``<start_of_turn>``...), end-of-turn markers aside.
+    They never carry loss; other special tokens (``[TOOL_CALLS]``) may, inside a reply."""
+    specials = special_tokens(tokenizer)
+    try:
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
+                                              add_generation_prompt=True, chat_template=chat_template)
+    except Exception:
+        return specials - set(marks)
+    return {t for t in specials if t in probe and t not in marks}
+
+
+def _marked(message: dict) -> dict:
+    """``message`` with its content (and tool call names and arguments) replaced by the sentinel."""
+    out = {"role": "assistant", "content": SENTINEL}
+    calls = message.get("tool_calls")
+    if calls:
+        out["content"] = SENTINEL if (message.get("content") or "").strip() else message.get("content")
+        marked_calls = []
+        for n, call in enumerate(calls):
+            c = dict(call)
+            fn = dict(c.get("function", {}))
+            fn["name"] = f"{SENTINEL}{n}"
+            fn["arguments"] = "{}" if isinstance(fn.get("arguments"), str) else {}
+            c["function"] = fn
+            marked_calls.append(c)
+        out["tool_calls"] = marked_calls
+    return out
+
+
 def _visible(content: str) -> str:
     """The part of a reply every template renders: without an inline ``<think>...</think>`` block."""
     return content.split("</think>")[-1].strip() if "</think>" in content else content.strip()
@@ -287,17 +318,19 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
         raise
     prompt_last = render(msgs[:last], True, last - 1)
     stitched = not full.startswith(prompt_last)
-    specials = special_tokens(tokenizer)
     marks = end_markers(tokenizer)
+    headers = header_tokens(tokenizer, chat_template, marks)
 
     def reply_region(base_msgs, gen, k, text):
         marked_msgs = list(base_msgs)
-        marked_msgs[k] = {"role": "assistant", "content": SENTINEL}
+        marked_msgs[k] = _marked(base_msgs[k])
         marked = render(marked_msgs, gen, k)
         a, b, mb = _diff_region(text, marked)
         if SENTINEL not in marked[a:mb]:
             why = ("the template does not render this message's content" if SENTINEL not in marked else
                    "replacing its content changes the rendering elsewhere too")
+            if _tool_names(base_msgs[k]):
+                why = "the template does not render this turn's tool calls (use a template with tool support)"
             raise DataError(
                 f"{label}: cannot find assistant turn {turns.index(k)} (messages[{k}]) in the rendering: {why}. Use a "
                 "template that renders each assistant message as it is (e.g. model.chat_template: chatml)"
@@ -351,21 +384,25 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
                     "support (tool_calls), or leave tool turns out of the data"
                 )
         own = content + str(m.get("reasoning_content") or "")
-        for tok in specials:  # a role header inside the reply: the diff spread over other messages
-            if not _tool_names(m) and tok not in marks and reply.count(tok) > own.count(tok):
+        for tok in headers:  # a role header inside the reply: the diff spread over other messages
+            if reply.count(tok) > own.count(tok):
                 raise DataError(f"{where}: the reply's span would contain the template's {tok!r}; the template cannot be aligned")
         # start: the end of this turn's generation prompt, when the text begins with it
         start = a
         prompt_k = prompt_last if k == last else render(msgs[:k], True, k - 1)
         if text.startswith(prompt_k) and cursor <= len(prompt_k) <= a:
             gap = text[len(prompt_k) : a]
-            if not any(tok in gap for tok in specials):
+            if not any(tok in gap for tok in headers):
                 start = len(prompt_k)
-        # end: whitespace then a chain of end-of-turn markers
+        # end: whitespace (for a tool call, any text without a role header) then a chain of end-of-turn markers
         end = b
         j = b
         while j < len(text) and text[j] in " \t\r\n":
             j += 1
+        if _tool_names(m):
+            nxt = min((i for i in (text.find(mk, b) for mk in marks) if i >= 0), default=-1)
+            if nxt >= 0 and not any(tok in text[b:nxt] for tok in headers):
+                j = nxt
         matched = True
         while matched:
             matched = False
