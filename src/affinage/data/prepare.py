@@ -353,7 +353,7 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str, num_proc: int, 
                 try:
                     if fmt is None:
                         fmt = detect_format(raw.data, spec.text_field, spec.messages_field, raw.where)
-                    record = convert(raw, spec, fmt)
+                    record = convert(raw, spec, fmt, system=data.system)
                 except DataError as e:
                     if data.on_bad_record != "skip":
                         raise
