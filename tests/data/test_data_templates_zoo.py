@@ -41,7 +41,7 @@ class Family:
     end: str  # text after the reply that carries loss (end-of-turn marker, with any space the template puts before it)
     bos: str = "<s>"
     eos: str = "</s>"
-    trim: str = "none"  # how the reply is rendered: none, strip
+    trim: str = "none"  # how the reply is rendered: none, strip, lstrip_nl (leading newlines dropped)
     lead: str = ""  # template text between the generation prompt and the reply (carries loss)
     last_lead: str | None = None  # ... for the final turn only, when it differs (Qwen3's closing </think>)
     last_trim: str | None = None
@@ -75,6 +75,18 @@ FAMILIES: dict[str, Family] = {
                           eos="<\uff5cend\u2581of\u2581sentence\uff5c>"),
     "falcon-h1": Family(end="<|im_end|>", bos="<|begin_of_text|>", eos="<|end_of_text|>"),
     "zephyr": Family(end="</s>", trim="strip"),
+    # verbatim templates of the model repositories (dates, default system prompts, tools, thinking)
+    "llama3.1": Family(end="<|eot_id|>", bos="<|begin_of_text|>", eos="<|eot_id|>", trim="strip"),
+    "llama3.2": Family(end="<|eot_id|>", bos="<|begin_of_text|>", eos="<|eot_id|>", trim="strip"),
+    "smollm3": Family(end="<|im_end|>", bos="<|endoftext|>", eos="<|im_end|>", trim="lstrip_nl", extra=("<think>", "</think>")),
+    "granite3.3": Family(end="<|end_of_text|>", bos="<|end_of_text|>", eos="<|end_of_text|>"),
+    "mistral-small-3.2": Family(end="</s>"),
+    "qwen3-hf": Family(end="<|im_end|>", bos="<|endoftext|>", eos="<|im_end|>", last_lead="<think>\n\n</think>\n\n",
+                       last_trim="lstrip_nl", extra=("<think>", "</think>", "<tool_call>", "</tool_call>")),
+    # Apertus writes <|assistant_end|> only before a following message: the final turn gets it too
+    "apertus": Family(end="<|assistant_end|>", eos="<|assistant_end|>"),
+    "phi3.5-hf": Family(end="<|end|>", eos="<|endoftext|>", sp=True),
+    "gemma2-hf": Family(end="<end_of_turn>", bos="<bos>", eos="<eos>", trim="strip", sp=True, system="refuse"),
 }
 # Families tested with their real tokenizer and template from ../shared.
 REAL = {
@@ -253,7 +265,16 @@ def test_zoo_template_without_reasoning_support_refuses_reasoning():
         tokenize_chat(tok, messages, 4096, chat_template=template)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "mistral-v3", "mistral-nemo", "llama3"])
+def test_zoo_final_marker_is_added_where_the_template_writes_it_only_before_a_next_message():
+    tok, template = family_tokenizer("apertus")
+    messages = conversation(REPLIES["plain"], 1, False)
+    own = tok.apply_chat_template(messages, tokenize=False, chat_template=template)
+    assert not own.rstrip().endswith("<|assistant_end|>")  # the template's own rendering never stops
+    sample = tokenize_chat(tok, messages, 4096, chat_template=template)
+    assert decode_spans(tok, sample) == [REPLIES["plain"][0] + "<|assistant_end|>"]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5", "qwen3", "qwen3-hf", "mistral-v3", "mistral-nemo", "mistral-small-3.2", "llama3.1", "llama3"])
 def test_zoo_tool_calls_carry_loss_and_tool_outputs_do_not(name):
     tok, template = family_tokenizer(name)
     tools = [{"type": "function", "function": {"name": "chercher_article", "description": "Cherche un article du Code civil",

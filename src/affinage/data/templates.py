@@ -146,7 +146,7 @@ SENTINEL = "\ue000affinage\ue001"
 END_MARKERS: tuple[str, ...] = (
     "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|eot|>", "<|eom|>", "</s>", "<end_of_turn>", "<|end|>",
     "<|END_RESPONSE|>", "<|END_OF_TURN_TOKEN|>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|return|>",
-    "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|end\u2581of\u2581sentence|>", "[|endofturn|]",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|end\u2581of\u2581sentence|>", "[|endofturn|]", "<|assistant_end|>",
 )
 
 SYSTEM_POLICIES = ("keep", "merge_into_first_user", "drop")
@@ -359,9 +359,11 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
         text = prompt_last + full[x:]
         shift = len(prompt_last) - x
         regions[last] = (a_f + shift, b_f + shift)
+        b_last_full = b_f
     else:
         text = full
         regions = {k: reply_region(msgs, False, k, full) for k in turns}
+        b_last_full = regions[last][1]
 
     cursor = 0
     for n, k in enumerate(turns):
@@ -394,27 +396,49 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
             gap = text[len(prompt_k) : a]
             if not any(tok in gap for tok in headers):
                 start = len(prompt_k)
-        # end: whitespace (for a tool call, any text without a role header) then a chain of end-of-turn markers
-        end = b
-        j = b
-        while j < len(text) and text[j] in " \t\r\n":
-            j += 1
-        if _tool_names(m):
-            nxt = min((i for i in (text.find(mk, b) for mk in marks) if i >= 0), default=-1)
-            if nxt >= 0 and not any(tok in text[b:nxt] for tok in headers):
-                j = nxt
-        matched = True
-        while matched:
-            matched = False
-            for mk in marks:
-                if text.startswith(mk, j):
-                    j += len(mk)
-                    end = j
-                    matched = True
-                    break
+        end = _marker_end(text, b, marks, headers, bool(_tool_names(m)))
+        if end == b and k == last:
+            # no marker after the final reply (Apertus writes <|assistant_end|> only before a next message):
+            # take the one the template writes once the conversation goes on, or the model never learns to stop
+            b_full = b_last_full
+            try:
+                cont = render(msgs + [{"role": "user", "content": SENTINEL}], False, last + 1)
+            except DataError:
+                cont = ""
+            if cont.startswith(full[:b_full]):
+                e_c = _marker_end(cont, b_full, marks, headers, bool(_tool_names(m)))
+                if e_c > b_full:
+                    text = text[:b] + cont[b_full:e_c] + text[b:]
+                    end = b + (e_c - b_full)
         spans.append((start, end))
         cursor = end
     return ChatRendering(text, spans, turns)
+
+
+def _marker_end(text: str, b: int, marks: Sequence[str], headers: set, tool_turn: bool) -> int:
+    """End of the end-of-turn markers after a reply ending at ``b`` (``b`` if none).
+
+    Whitespace may come first; for a tool-call turn, any text without a role header (the closing
+    ``}]`` of the call). Adjacent markers chain (``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``).
+    """
+    j = b
+    while j < len(text) and text[j] in " \t\r\n":
+        j += 1
+    if tool_turn:
+        nxt = min((i for i in (text.find(mk, b) for mk in marks) if i >= 0), default=-1)
+        if nxt >= 0 and not any(tok in text[b:nxt] for tok in headers):
+            j = nxt
+    end = b
+    matched = True
+    while matched:
+        matched = False
+        for mk in marks:
+            if text.startswith(mk, j):
+                j += len(mk)
+                end = j
+                matched = True
+                break
+    return end
 
 
 def find_assistant_spans(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None) -> tuple[str, list[tuple[int, int]]]:
