@@ -288,7 +288,9 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
       two renderings differ (content as the template trims it, reasoning, tool calls);
     * end: the end-of-turn markers right after the reply (``<|im_end|>``, ``<|eot_id|>``, ``</s>``,
       ``<end_of_turn>``, ``<|end|>``, the EOS...), with the whitespace before them; none if the
-      template puts none there (some add EOS only after the last message).
+      template puts none there (some add EOS only after the last message). A final turn the
+      template leaves unterminated (Apertus writes ``<|assistant_end|>`` only before a next
+      message) gets the marker it writes once the conversation goes on.
 
     Role headers and generation prompts never carry loss. ``T`` is the template's rendering up to
     the last assistant turn; if that rendering does not begin with the last turn's prompt (Mistral
