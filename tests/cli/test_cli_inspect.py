@@ -57,13 +57,16 @@ def test_inspect_7b_recipe_without_its_model_is_a_clear_error(tmp_path):
     assert "Traceback" not in r.stderr and "--set model.tokenizer=PATH" in r.stderr
 
 
-@pytest.mark.skipif(not HAS_SHARED, reason="needs ../shared (real tokenizers and PIAF)")
-@pytest.mark.parametrize("recipe, tok", [("recipes/qwen2.5-7b/lora/sft-piaf.yaml", "qwen2.5-instruct"),
-                                         ("recipes/lucie-7b/lora/sft-piaf.yaml", "lucie-7b-instruct")])
-def test_inspect_7b_sft_recipes_with_their_real_tokenizer(tmp_path, recipe, tok):
+@pytest.mark.skipif(not HAS_SHARED, reason="needs ../shared (real tokenizers and corpora)")
+@pytest.mark.parametrize("recipe, tok, data", [
+    ("recipes/qwen2.5-7b/lora/sft-piaf.yaml", "qwen2.5-instruct", "fr_instruct_piaf_qa.jsonl"),
+    ("recipes/lucie-7b/lora/sft-piaf.yaml", "lucie-7b-instruct", "fr_instruct_piaf_qa.jsonl"),
+    ("recipes/mistral-7b/qlora/cpt-legal.yaml", "mistral-7b-instruct-v0.3", "fr_legal_codes.jsonl"),
+])
+def test_inspect_7b_recipes_with_their_real_tokenizer(tmp_path, recipe, tok, data):
     (tmp_path / "data").mkdir()
-    lines = (SHARED / "data" / "fr_instruct_piaf_qa.jsonl").read_text(encoding="utf-8").splitlines()[:60]
-    (tmp_path / "data" / "fr_instruct_piaf_qa.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    lines = (SHARED / "data" / data).read_text(encoding="utf-8").splitlines()[:40]
+    (tmp_path / "data" / data).write_text("\n".join(lines) + "\n", encoding="utf-8")
     r = affinage("inspect", recipe, "--samples", "2", "--json", "--set", f"model.tokenizer={SHARED / 'tokenizers' / tok}",
                  env_extra={"AFFINAGE_CACHE": str(tmp_path / "cache"), "WORK": str(tmp_path)})
     assert r.returncode == 0, r.stderr
@@ -71,4 +74,7 @@ def test_inspect_7b_sft_recipes_with_their_real_tokenizer(tmp_path, recipe, tok)
     assert len(objs) == 2
     for o in objs:
         loss = "".join(s["text"] for s in o["segments"] if s["loss"])
-        assert loss and "Texte :" not in loss and "assistant" not in loss
+        if "cpt" in recipe:  # every token after the first is predicted
+            assert o["loss_tokens"] == o["tokens"] - 1
+        else:
+            assert loss and "Texte :" not in loss and "assistant" not in loss
