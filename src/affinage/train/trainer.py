@@ -39,20 +39,6 @@ def steps_for_duration(recipe: Recipe, n_samples: int, mean_tokens: float) -> in
     return max(1, math.ceil(d.value / max(1.0, mean_tokens * gbs)))
 
 
-class SampleDataset(torch.utils.data.Dataset):
-    """Tokenized samples as the dicts the Trainer's collator expects."""
-
-    def __init__(self, samples: Sequence[Any]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        return {"input_ids": list(s.input_ids), "labels": [t if m else -100 for t, m in zip(s.input_ids, s.loss_mask)]}
-
-
 @dataclass
 class TrainResult:
     run_dir: str
