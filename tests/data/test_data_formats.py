@@ -121,8 +121,11 @@ def test_sharegpt_roles_aliases_and_system_field():
     assert out["messages"][0]["content"] == "Réponds en français."
     assert out["messages"][4]["content"] == "Au palais Bourbon."
     assert detect_format(SHAREGPT) == "sharegpt"
-    # ShareGPT turns under 'messages' are detected too
+    # ShareGPT turns under 'messages' are detected too, and role/content turns under 'conversations' are chat
     assert detect_format({"messages": SHAREGPT["conversations"]}) == "sharegpt"
+    openai_style = {"conversations": [{"role": "user", "content": "Où ?"}, {"role": "assistant", "content": "Ici."}]}
+    assert detect_format(openai_style) == "chat"
+    assert to_canonical(openai_style, "auto")["messages"][1] == {"role": "assistant", "content": "Ici."}
 
 
 def test_sharegpt_function_call_and_observation_become_openai_tool_turns():

@@ -78,7 +78,8 @@ def to_canonical(
     if fmt == "text":
         return {"text": _text(data, text_field, where)}
     if fmt == "chat":
-        out = {"messages": _messages(data, messages_field, where)}
+        field = messages_field if messages_field in data or "conversations" not in data else "conversations"
+        out = {"messages": _messages(data, field, where)}
     elif fmt == "sharegpt":
         field = messages_field if messages_field in data and "conversations" not in data else "conversations"
         out = {"messages": _messages(_sharegpt(data, field, where), "messages", where)}
