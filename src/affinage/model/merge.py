@@ -6,7 +6,7 @@ into a 4-bit base is off by up to ~1 logit), so a QLoRA run's base is reloaded i
 bfloat16; and check, not assume: the same fixed token batch goes through the adapter model and
 through the merged folder *reloaded from disk*, and the largest logit difference is reported
 (and must stay under a tolerance: in float32, 1e-4 of the largest logit, at least 1e-4 — rounding
-grows with the logits' size: a real 30-layer model with logits near 20 differs by ~3e-4 after a correct merge).
+grows with the logits' size: SmolLM2-135M, 30 layers, logits up to ~31, differs by 3.1e-4 after a correct merge).
 
 The folder is written next to ``out_dir`` and moved into place only once the check passed, so a
 failed merge never leaves a plausible-looking model behind.
