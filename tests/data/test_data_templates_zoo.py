@@ -214,6 +214,8 @@ def test_zoo_runs_at_least_twenty_real_templates_where_staged():
     staged = [n for n in FAMILIES if zoo_file(n) is not None] + (list(REAL) if HAS_SHARED else [])
     if not any(zoo_file(n) for n in FAMILIES):
         pytest.skip(ZOO_REASON)
+    if not HAS_SHARED:
+        pytest.skip("the families with their real tokenizers (Lucie, Mistral v0.3, Qwen2.5) need ../shared")
     assert len(staged) >= 20, f"only {len(staged)} templates staged: {', '.join(staged)}"
 
 
