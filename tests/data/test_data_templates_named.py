@@ -1,15 +1,12 @@
-"""Named templates (chatml, llama3, mistral), custom templates and CPT tokenization on a tokenizer
-trained in the test (on ../shared legal text when present, else on a few lines written here)."""
+"""Named templates (chatml, llama3, mistral) and custom templates on a tokenizer trained in the test
+(on ../shared legal text when present, else on a few lines written here)."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 
 from affinage.data.errors import DataError
 from affinage.data.templates import (
-    IGNORE_INDEX,
     NAMED_TEMPLATES,
     decode_spans,
     find_assistant_spans,
@@ -17,7 +14,6 @@ from affinage.data.templates import (
     render_loss_mask,
     resolve_chat_template,
     tokenize_chat,
-    tokenize_text,
 )
 
 SYSTEM = "Réponds en français, brièvement."
@@ -48,7 +44,7 @@ def test_named_template_masks_exactly_the_replies(trained_tokenizer, name, expec
     assert runs == expected
     for text in USERS + [SYSTEM]:
         assert text not in "".join(runs)
-    unlabelled = trained_tokenizer.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab == IGNORE_INDEX])
+    unlabelled = trained_tokenizer.decode([t for t, on in zip(sample.input_ids, sample.loss_mask) if not on])
     assert all(text in unlabelled for text in USERS + [SYSTEM])
 
 
@@ -116,33 +112,11 @@ def test_named_mistral_rejects_non_alternating(trained_tokenizer):
 
 def test_truncation_inside_the_reply_keeps_partial_labels(trained_tokenizer):
     full = tokenize_chat(trained_tokenizer, CONV[1:3], 2048, chat_template=NAMED_TEMPLATES["chatml"])
-    first = next(i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX)
+    first = full.loss_mask.index(True)
     cut = tokenize_chat(trained_tokenizer, CONV[1:3], first + 2, chat_template=NAMED_TEMPLATES["chatml"])
     assert cut.truncated and cut.num_loss_tokens == 2
     none_left = tokenize_chat(trained_tokenizer, CONV[1:3], first, chat_template=NAMED_TEMPLATES["chatml"])
     assert none_left.num_loss_tokens == 0
-
-
-def test_tokenize_text_adds_bos_eos_and_chunks(trained_tokenizer):
-    text = "Le tribunal a rendu sa décision après une longue délibération. " * 6
-    ids = trained_tokenizer(text, add_special_tokens=False)["input_ids"]
-    samples = tokenize_text(trained_tokenizer, text, max_length=16)
-    flat = [t for s in samples for t in s.input_ids]
-    assert flat == [trained_tokenizer.bos_token_id] + ids + [trained_tokenizer.eos_token_id]
-    assert all(len(s.input_ids) <= 16 for s in samples)
-    assert all(s.labels == s.input_ids for s in samples)
-    assert len(samples) == -(-len(flat) // 16)
-    one = tokenize_text(trained_tokenizer, "Rennes.", max_length=64)
-    assert len(one) == 1 and not one[0].truncated
-
-
-def test_tokenize_text_without_bos(trained_tokenizer):
-    trained_tokenizer.bos_token = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        samples = tokenize_text(trained_tokenizer, "Rennes est une ville.", max_length=64)
-    assert samples[0].input_ids[0] != trained_tokenizer.convert_tokens_to_ids("<s>")
-    assert samples[0].input_ids[-1] == trained_tokenizer.eos_token_id
 
 
 def test_label_rule_start_inside_or_straddling_span_start():

@@ -18,8 +18,6 @@ from typing import Optional, Sequence
 
 from affinage.data.errors import DataError
 
-IGNORE_INDEX = -100
-
 # Standard public formats, for base models that ship without a template. Each renders the
 # generation prompt exactly as the start of the assistant turn, so prefixes line up.
 CHATML = (
@@ -67,15 +65,15 @@ TEMPLATE_MARKERS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class TokenizedSample:
-    """One training sequence; ``labels`` is -100 where no loss is taken."""
+    """One training sequence; ``loss_mask[i]`` is True where token i carries loss."""
 
     input_ids: list[int]
-    labels: list[int]
+    loss_mask: list[bool]
     truncated: bool = False
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return sum(self.loss_mask)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -251,7 +249,7 @@ def _labels_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple
 
 
 def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int, chat_template: Optional[str] = None) -> TokenizedSample:
-    """Tokens of the rendered conversation, labels = token ids on assistant spans and -100 elsewhere.
+    """Tokens of the rendered conversation and its loss mask (True on the assistant spans).
 
     Right-truncated to ``max_length``; ``truncated`` says whether it was cut. The caller drops
     samples left with no loss-bearing token.
@@ -262,33 +260,15 @@ def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int, chat_tem
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     mask = _labels_from_spans(enc["offset_mapping"], spans)
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
     truncated = len(ids) > max_length
-    return TokenizedSample(ids[:max_length], labels[:max_length], truncated)
-
-
-def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedSample]:
-    """CPT samples of one document: [BOS] + tokens + [EOS], cut into chunks of ``max_length``.
-
-    Documents are never concatenated here (packing is a separate step). Splitting loses nothing,
-    so chunks are not marked ``truncated``. A final chunk of a single token is dropped: it has no
-    next token to predict.
-    """
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-    return [TokenizedSample(c, list(c)) for c in chunks if len(c) > 1]
+    return TokenizedSample(ids[:max_length], mask[:max_length], truncated)
 
 
 def decode_spans(tokenizer, sample: TokenizedSample) -> list[str]:
     """The loss-bearing parts of ``sample`` decoded, one string per contiguous run (for checks and debugging)."""
     runs: list[list[int]] = []
     prev = False
-    for t, lab in zip(sample.input_ids, sample.labels):
-        on = lab != IGNORE_INDEX
+    for t, on in zip(sample.input_ids, sample.loss_mask):
         if on and not prev:
             runs.append([])
         if on:
@@ -299,7 +279,7 @@ def decode_spans(tokenizer, sample: TokenizedSample) -> list[str]:
 
 def render_loss_mask(tokenizer, sample: TokenizedSample) -> str:
     """The sample's text with loss-bearing parts wrapped in [[ ]], to eyeball a template's mask."""
-    on = [lab != IGNORE_INDEX for lab in sample.labels]
+    on = list(sample.loss_mask)
     cuts = [k for k in range(1, len(on)) if on[k] != on[k - 1]] + [len(on)]
     out, prev_text, start = [], "", 0
     for k in cuts:

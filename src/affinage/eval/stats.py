@@ -11,7 +11,6 @@ Everything is seeded (``numpy.random.default_rng(seed)``), so a report is reprod
 
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import numpy as np
@@ -99,7 +98,3 @@ def paired_ratio_delta(num_a: Sequence[float], num_b: Sequence[float], den: Sequ
     lo, hi = _interval(rels, confidence)
     out["relative"] = {"delta": float(nb.sum() / na.sum() - 1), "ci_low": lo, "ci_high": hi}
     return out
-
-
-def fmt_pct(x: float) -> str:
-    return f"{x * 100:+.1f}%" if x is not None and math.isfinite(x) else "n/a"

@@ -39,20 +39,6 @@ def steps_for_duration(recipe: Recipe, n_samples: int, mean_tokens: float) -> in
     return max(1, math.ceil(d.value / max(1.0, mean_tokens * gbs)))
 
 
-class SampleDataset(torch.utils.data.Dataset):
-    """Tokenized samples as the dicts the Trainer's collator expects."""
-
-    def __init__(self, samples: Sequence[Any]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
-
-
 @dataclass
 class TrainResult:
     run_dir: str
@@ -144,7 +130,7 @@ def train(
     """
     from transformers.trainer_callback import ProgressCallback
 
-    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.data.prepare import prepare
     from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer

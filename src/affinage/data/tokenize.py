@@ -1,0 +1,195 @@
+"""Tokenization of canonical records, batched through the fast tokenizer, in a pool of processes.
+
+One chunk of records (``CHUNK_RECORDS``) is one call of the backend's ``encode_batch``:
+
+* cpt: a document is [BOS] + tokens + [EOS], every token a target. This module is the one place a
+  document is cut (``cut_document``): into pieces of ``max_length`` for ``bfd``/``none`` packing,
+  not at all for ``concat`` (the row layout joins and cuts documents, ``packing.layout_concat``).
+* sft: ``templates.find_assistant_spans`` renders the conversation and finds the assistant spans;
+  the loss mask is computed from the token offsets with numpy (``mask_from_offsets``, the rule of
+  ``templates.tokenize_chat``), right-truncated to ``max_length``.
+
+The loss mask is a mask from here to the batch (bool, stored as uint8 in the cache); labels are
+built once, by the collator (``affinage.data.collator``). Results come back in record order, with
+at most ~2 chunks per process in flight, so memory stays flat.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from affinage.data.errors import DataError
+
+CHUNK_RECORDS = 64
+
+
+@dataclass
+class TokenizedRecord:
+    """A record's training pieces (ids uint32, loss mask bool), its full token length, whether it was cut short."""
+
+    pieces: list[tuple[np.ndarray, np.ndarray]]
+    full_length: int
+    truncated: bool
+
+
+# ------------------------------------------------------------------------------------ encoding
+def fast_backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a fast HF tokenizer, without truncation or padding; None for a slow one.
+
+    ``encode_batch`` on it gives the ids and offsets of ``tokenizer(texts, add_special_tokens=False)``
+    without the wrapper's per-call conversion.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not getattr(tokenizer, "is_fast", False):
+        return None
+    if backend.truncation is not None or backend.padding is not None:
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_str(backend.to_str())
+        backend.no_truncation()
+        backend.no_padding()
+    return backend
+
+
+def document_ids(tokenizer, texts: Sequence[str], backend=None) -> list[np.ndarray]:
+    """[BOS] + tokens + [EOS] of each text (uint32), BOS/EOS only where the tokenizer has them."""
+    if backend is not None:
+        rows = [e.ids for e in backend.encode_batch(list(texts), add_special_tokens=False)]
+    else:
+        rows = tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    out = []
+    for ids in rows:
+        a = np.empty(len(ids) + (bos is not None) + (eos is not None), dtype=np.uint32)
+        lo = 0
+        if bos is not None:
+            a[0] = bos
+            lo = 1
+        a[lo : lo + len(ids)] = ids
+        if eos is not None:
+            a[-1] = eos
+        out.append(a)
+    return out
+
+
+def cut_document(ids: np.ndarray, max_length: int, packing: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A CPT document's pieces: whole for ``concat`` (rows are cut by the layout), else ``max_length``
+    pieces; a piece of one token is dropped (it has no next token to predict)."""
+    if len(ids) < 2:
+        return []
+    if packing == "concat":
+        return [(ids, np.ones(len(ids), dtype=bool))]
+    pieces = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
+    return [(p, np.ones(len(p), dtype=bool)) for p in pieces if len(p) > 1]
+
+
+def mask_from_offsets(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
+    """True for tokens whose start falls in a span, or that straddle a span's start (merged BPE pieces).
+
+    ``offsets``: int [tokens, 2] character offsets; ``spans``: sorted character spans. The same rule
+    as ``templates.tokenize_chat``, vectorised (tested equal).
+    """
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    if not len(sp) or not len(offsets):
+        return np.zeros(len(offsets), dtype=bool)
+    s, e = offsets[:, 0], offsets[:, 1]
+    j = np.searchsorted(sp[:, 0], s, side="right") - 1
+    inside = (j >= 0) & (s < sp[np.maximum(j, 0), 1])
+    nxt = np.minimum(j + 1, len(sp) - 1)
+    straddles = (j + 1 < len(sp)) & (s < sp[nxt, 0]) & (sp[nxt, 0] < e)
+    return inside | straddles
+
+
+def require_fast(tokenizer) -> None:
+    if fast_backend(tokenizer) is None:
+        raise DataError(
+            f"{type(tokenizer).__name__} is a slow tokenizer: loss masking needs offsets from a fast tokenizer (tokenizer.json)"
+        )
+
+
+# ------------------------------------------------------------------------------------- a chunk
+def tokenize_chunk(tokenizer, backend, task: str, max_length: int, packing: str, chunk: Sequence[tuple[int, str, dict]]) -> list:
+    """``(index, error, TokenizedRecord)`` per record of ``chunk`` (``(index, where, record)``), in order.
+
+    ``error`` is ``(message, where, reason)`` for a record the template cannot render (then no
+    result), else None.
+    """
+    if task == "sft":
+        return _chat_chunk(tokenizer, backend, max_length, chunk)
+    docs = document_ids(tokenizer, [rec["text"] for _, _, rec in chunk], backend)
+    # a document of one token gives no piece and counts as empty (0 tokens)
+    return [(idx, None, TokenizedRecord(cut_document(ids, max_length, packing), len(ids) if len(ids) > 1 else 0, False))
+            for (idx, _, _), ids in zip(chunk, docs)]
+
+
+def _chat_chunk(tokenizer, backend, max_length: int, chunk) -> list:
+    from affinage.data.templates import find_assistant_spans
+
+    out: list[Any] = [None] * len(chunk)
+    texts, spans, slots = [], [], []
+    for k, (idx, where, rec) in enumerate(chunk):
+        try:
+            text, sp = find_assistant_spans(tokenizer, rec["messages"])
+        except DataError as e:
+            out[k] = (idx, (f"{where}: {e}", where, "chat template error"), None)
+            continue
+        texts.append(text)
+        spans.append(sp)
+        slots.append(k)
+    for k, enc, sp in zip(slots, backend.encode_batch(texts, add_special_tokens=False), spans):
+        ids = np.asarray(enc.ids, dtype=np.uint32)
+        mask = mask_from_offsets(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), sp)
+        n = len(ids)
+        out[k] = (chunk[k][0], None, TokenizedRecord([(ids[:max_length], mask[:max_length])], n, n > max_length))
+    return out
+
+
+# -------------------------------------------------------------------------------------- the pool
+_W: dict[str, Any] = {}
+
+
+def _init_worker(tokenizer, task: str, max_length: int, packing: str) -> None:
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _W.update(tokenizer=tokenizer, backend=fast_backend(tokenizer), task=task, max_length=max_length, packing=packing)
+
+
+def _work(chunk) -> list:
+    return tokenize_chunk(_W["tokenizer"], _W["backend"], _W["task"], _W["max_length"], _W["packing"], chunk)
+
+
+def tokenize_chunks(chunks: Iterator[list], num_proc: int, tokenizer, task: str, max_length: int, packing: str,
+                    ) -> Iterator[list]:
+    """``tokenize_chunk`` of every chunk, in order, on ``num_proc`` processes (in this one when 1)."""
+    if task == "sft":
+        require_fast(tokenizer)
+    cfg = (tokenizer, task, max_length, packing)
+    if num_proc <= 1:
+        _init_worker(*cfg)
+        for c in chunks:
+            yield _work(c)
+        return
+    import multiprocessing as mp
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    with mp.get_context(method).Pool(num_proc, initializer=_init_worker, initargs=cfg) as pool:
+        pending: deque = deque()
+        for c in chunks:
+            pending.append(pool.apply_async(_work, (c,)))
+            if len(pending) >= 2 * num_proc + 1:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def default_num_proc() -> int:
+    """The CPUs this process may use (its affinity mask, e.g. a SLURM allocation)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # macOS
+        return max(1, os.cpu_count() or 1)
