@@ -7,15 +7,15 @@ and any change builds a new one. How the data is built (``num_proc``, ``cache_di
 
 from __future__ import annotations
 
-import hashlib
-import os
 from pathlib import Path
 from typing import Optional
 
-from affinage.data.cache import DATA_FORMAT_VERSION, FileHasher, tokenizer_fingerprint
+from affinage.data.cache import DATA_FORMAT_VERSION, tokenizer_fingerprint
 from affinage.data.errors import DataError
 from affinage.data.mixture import source_names
 from affinage.data.readers import read_source, source_path
+from affinage.hashing import FileHasher, sha256_text
+from affinage.paths import expand
 
 
 def _tokenizer_folder(recipe) -> Optional[Path]:
@@ -36,8 +36,8 @@ def _template_identity(recipe, hasher: FileHasher) -> Optional[str]:
     if not name or recipe.task != "sft":
         return None
     if name in NAMED_TEMPLATES:
-        return "named:" + name + ":" + hashlib.sha256(NAMED_TEMPLATES[name].encode()).hexdigest()
-    path = Path(name).expanduser()
+        return "named:" + name + ":" + sha256_text(NAMED_TEMPLATES[name])
+    path = expand(name)
     return "file:" + (hasher.file(path) if path.is_file() else f"missing:{name}")
 
 
@@ -69,7 +69,7 @@ def cache_key_inputs(recipe, tokenizer=None, hasher: Optional[FileHasher] = None
     decon = None
     if data.decontamination is not None:
         decon = data.decontamination.model_dump(mode="json")
-        decon["eval_sha256"] = [hasher.tree(Path(os.path.expanduser(os.path.expandvars(f)))) for f in data.decontamination.eval_files]
+        decon["eval_sha256"] = [hasher.tree(expand(f)) for f in data.decontamination.eval_files]
     settings = data.model_dump(mode="json", exclude={"sources", "cache_dir", "num_proc", "decontamination"})
     return {
         "format_version": DATA_FORMAT_VERSION,

@@ -25,14 +25,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from affinage.data.cache import DATA_FORMAT_VERSION, FileHasher, PreparedCache, build_lock, cache_root, key_of, publish
+from affinage.data.cache import DATA_FORMAT_VERSION, PreparedCache, build_lock, cache_root, key_of, publish
 from affinage.data.cache_key import cache_key_inputs
 from affinage.data.errors import DataError
 from affinage.data.mixture import SourceSplit, heldout_counts, source_names, split_source
 from affinage.data.rows import SampleStore, pack_and_write
 from affinage.data.spool import RecordFilters, spool_source
 from affinage.data.stats import SourceState, prepare_stats
-from affinage.data.tokenize import CHUNK_RECORDS, default_num_proc, tokenize_chunks
+from affinage.data.tokenize import CHUNK_RECORDS, tokenize_chunks
+from affinage.hardware import usable_cpus
+from affinage.hashing import FileHasher
 
 
 def prepare(
@@ -68,7 +70,7 @@ def prepare(
             tokenizer = load_tokenizer(recipe.model)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         try:
-            _build(recipe, tokenizer, tmp, inputs, key, num_proc or recipe.data.num_proc or default_num_proc(), progress)
+            _build(recipe, tokenizer, tmp, inputs, key, num_proc or recipe.data.num_proc or usable_cpus(), progress)
             if force and final.exists():
                 shutil.rmtree(final)
             publish(tmp, final)

@@ -7,7 +7,6 @@ in rows (``packing``) and ``write_rows`` writes the split's arrays (format in ``
 
 from __future__ import annotations
 
-import hashlib
 from array import array
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 from affinage.data.packing import Layout, layout_bfd, layout_concat, layout_single, padding_fraction
 from affinage.data.stats import length_stats
+from affinage.hashing import int_hash
 
 
 class SampleStore:
@@ -50,10 +50,6 @@ class SampleStore:
         return ids, mask, np.frombuffer(self.offsets, dtype=np.int64)
 
 
-def _seed_int(text: str) -> int:
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
-
-
 def pack_and_write(store: SampleStore, folder: Path, data, seed: int, split: str) -> dict:
     """Lay the store's samples out in rows (``data.packing``, seeded shuffles) and write the split; return its counts."""
     ids, mask, offsets = store.arrays()
@@ -61,7 +57,7 @@ def pack_and_write(store: SampleStore, folder: Path, data, seed: int, split: str
     uses = np.frombuffer(store.uses, dtype=np.int32).astype(np.int64)
     items = np.repeat(np.arange(len(lengths), dtype=np.int64), uses)  # a record of weight 2 is packed twice
     if data.shuffle and len(items):
-        perm = np.random.default_rng(_seed_int(f"{seed}/pack/{split}")).permutation(len(items))
+        perm = np.random.default_rng(int_hash(f"{seed}/pack/{split}")).permutation(len(items))
         items = items[perm]
     item_len = lengths[items]
     if data.packing == "bfd":

@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from dataclasses import dataclass
+from itertools import chain
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -143,7 +144,8 @@ def _chat_chunk(tokenizer, backend, max_length: int, chunk) -> list:
         slots.append(k)
     for k, enc, sp in zip(slots, backend.encode_batch(texts, add_special_tokens=False), spans):
         ids = np.asarray(enc.ids, dtype=np.uint32)
-        mask = mask_from_offsets(np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2), sp)
+        offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
+        mask = mask_from_offsets(offsets, sp)
         n = len(ids)
         out[k] = (chunk[k][0], None, TokenizedRecord([(ids[:max_length], mask[:max_length])], n, n > max_length))
     return out
@@ -185,11 +187,3 @@ def tokenize_chunks(chunks: Iterator[list], num_proc: int, tokenizer, task: str,
                 yield pending.popleft().get()
         while pending:
             yield pending.popleft().get()
-
-
-def default_num_proc() -> int:
-    """The CPUs this process may use (its affinity mask, e.g. a SLURM allocation)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
