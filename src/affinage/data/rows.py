@@ -44,9 +44,10 @@ class SampleStore:
         return len(self.source)
 
     def arrays(self):
+        """(ids, mask, offsets) as plain ndarray views of the mapped files (slicing a memmap costs more per piece)."""
         n = self.offsets[-1]
-        ids = np.memmap(self.folder / "ids.bin", dtype=np.uint32, mode="r", shape=(n,)) if n else np.zeros(0, np.uint32)
-        mask = np.memmap(self.folder / "mask.bin", dtype=np.uint8, mode="r", shape=(n,)) if n else np.zeros(0, np.uint8)
+        ids = np.asarray(np.memmap(self.folder / "ids.bin", dtype=np.uint32, mode="r", shape=(n,))) if n else np.zeros(0, np.uint32)
+        mask = np.asarray(np.memmap(self.folder / "mask.bin", dtype=np.uint8, mode="r", shape=(n,))) if n else np.zeros(0, np.uint8)
         return ids, mask, np.frombuffer(self.offsets, dtype=np.int64)
 
 
@@ -81,6 +82,8 @@ def write_rows(ids, mask, offsets, layout: Layout, folder: Path, max_length: int
     open_mm = np.lib.format.open_memmap
     out_ids = open_mm(folder / "input_ids.npy", mode="w+", dtype=np.uint32, shape=(max(total, 0),)) if total else None
     out_mask = open_mm(folder / "loss_mask.npy", mode="w+", dtype=np.uint8, shape=(total,)) if total else None
+    ids_view = np.asarray(out_ids) if total else None  # plain views: the memmaps are flushed below
+    mask_view = np.asarray(out_mask) if total else None
     seq_offsets = np.zeros(n_seg + 1, dtype=np.int64)
     row_seq = np.zeros(n_rows + 1, dtype=np.int64)
     pos = seg = 0
@@ -90,10 +93,10 @@ def write_rows(ids, mask, offsets, layout: Layout, folder: Path, max_length: int
         for p in range(ro[r], ro[r + 1]):
             a = offsets[items[p]] + starts[p]
             n = lens[p]
-            out_ids[pos : pos + n] = ids[a : a + n]
-            out_mask[pos : pos + n] = mask[a : a + n]
+            ids_view[pos : pos + n] = ids[a : a + n]
+            mask_view[pos : pos + n] = mask[a : a + n]
             if not layout.merge_segments or p == ro[r]:
-                out_mask[pos] = 0  # the first token of a segment is never a prediction target
+                mask_view[pos] = 0  # the first token of a segment is never a prediction target
                 seq_offsets[seg] = pos
                 seg += 1
             pos += n
@@ -102,8 +105,8 @@ def write_rows(ids, mask, offsets, layout: Layout, folder: Path, max_length: int
     if total:
         out_ids.flush()
         out_mask.flush()
-        loss_tokens = int(np.asarray(out_mask).sum(dtype=np.int64))
-        del out_ids, out_mask
+        loss_tokens = int(mask_view.sum(dtype=np.int64))
+        del out_ids, out_mask, ids_view, mask_view
     else:
         np.save(folder / "input_ids.npy", np.zeros(0, np.uint32))
         np.save(folder / "loss_mask.npy", np.zeros(0, np.uint8))
