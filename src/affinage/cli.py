@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
 
     from affinage.recipe.loader import load_recipe_with_sources
 
-    from affinage.distributed.strategies import finish_distributed, launched
+    from affinage.distributed.process import finish_distributed, launched
 
     if args.nproc is not None and args.nproc < 1:
         raise _usage_error("--nproc must be at least 1")
@@ -249,10 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    from affinage.eval.runner import adhoc_spec, format_results, load_spec_file, run_eval
+    from affinage.eval.runner import adhoc_spec, format_results, load_spec_file
+    from affinage.evaluate import evaluate
 
     spec = load_spec_file(args.spec) if args.spec else adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts)
-    results = run_eval(args.target, spec=spec, tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
+    results = evaluate(args.target, spec=spec, tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
                        compare_base=False if args.no_base else None, out_dir=args.out, limit=args.limit,
                        batch_size=args.batch_size, device=args.device)
     print(format_results(results))

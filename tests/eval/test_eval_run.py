@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from affinage.cli import main
-from affinage.eval.runner import run_eval
+from affinage.evaluate import evaluate as run_eval  # eval, then report and card, as `affinage eval`
 from affinage.recipe.loader import load_recipe_dict
 from affinage.run import RunDir
 from affinage.train.trainer import train

@@ -43,6 +43,10 @@ class DistributedConfigError(UserError):
     """A distributed config file that cannot be used with this recipe; ``str()`` says what to change."""
 
 
+class StrategyError(UserError):
+    """A strategy that cannot run as launched; ``str()`` says what to do."""
+
+
 def default_config_path(strategy: str) -> Optional[Path]:
     """The shipped file a strategy starts from (None for ddp/single)."""
     if strategy in ZERO_STAGE:
@@ -101,7 +105,14 @@ def _owned(cfg: dict, dotted: str, value: Any, recipe_key: str, path: Path) -> N
 
 
 def _auto_sizes(zero: dict, hidden: Optional[int]) -> None:
-    """ZeRO sizes that depend on the model, as transformers computes them for "auto"."""
+    """ZeRO sizes that depend on the model, as transformers computes them for "auto".
+
+    Kept here rather than calling transformers because transformers fills them only inside
+    ``HfTrainerDeepSpeedConfig.trainer_config_finalize``, which needs the built model and the
+    TrainingArguments; ``plan`` and the pre-launch check (DeepSpeed's own parser) need the file
+    before any model exists. ``tests/distributed/test_dist_configs.py`` compares the two, so a change
+    in transformers' formula fails a test instead of drifting.
+    """
     h = hidden or 4096
     fills = {
         "reduce_bucket_size": h * h,

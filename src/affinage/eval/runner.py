@@ -229,7 +229,11 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
              base: Optional[str] = None, compare_base: Optional[bool] = None, out_dir=None,
              limit: Optional[int] = None, batch_size: Optional[int] = None, device: Optional[str] = None,
              progress: bool = True, write: bool = True) -> dict:
-    """Evaluate ``target`` (run dir, model folder or offline id) and write results and report; returns the results."""
+    """Evaluate ``target`` (run dir, model folder or offline id) and write ``eval/results.json``; returns the results.
+
+    The report and model card are written from those files by ``affinage.evaluate`` (eval never
+    imports provenance).
+    """
     start = time.monotonic()
     probe = Path(str(target))
     recipe_spec = None
@@ -297,17 +301,8 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     results["seconds"] = round(time.monotonic() - start, 2)
     if write:
         write_results(root, results, raw, data, spec)
-        from affinage.eval.report import write_report
-
-        write_report(root, run=t.run, results=results)
-        if t.run is not None:
-            try:
-                from affinage.provenance import write_run_provenance
-
-                write_run_provenance(t.recipe, t.run, training_process=False)
-            except Exception as e:  # the card is refreshed on a best-effort basis; `affinage card` says why
-                _say(progress, f"could not refresh the model card ({type(e).__name__}: {e}); run affinage card {t.root}")
     results["_root"] = str(root)
+    results["_run_dir"] = str(t.root) if t.run is not None else None
     return results
 
 

@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from affinage.eval import plots
 from affinage.eval.runner import eval_dir, read_results
+from affinage.provenance import plots
 
 REPORT_FILE = "report.md"
 
