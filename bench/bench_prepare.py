@@ -101,14 +101,14 @@ def spread(xs: list[float]) -> dict:
 def run_task(task: str, tok_name: str, data_file: str, n: int, a) -> dict:
     from transformers import AutoTokenizer
 
-    from affinage.data.templates import find_assistant_spans
+    from affinage.data.templates import chat_for_training
     from affinage.data.tokenize import CHUNK_RECORDS, fast_backend
 
     tok = AutoTokenizer.from_pretrained(str(SHARED / "tokenizers" / tok_name))
     backend = fast_backend(tok)
     kind = "chat" if task == "sft" else "text"
     records = load_records(SHARED / "data" / data_file, kind, n or 1 << 40)
-    texts = [find_assistant_spans(tok, r["messages"])[0] for r in records] if task == "sft" else [r["text"] for r in records]
+    texts = [chat_for_training(tok, r["messages"], tools=r.get("tools")).text for r in records] if task == "sft" else [r["text"] for r in records]
     packing = "bfd"
     tps: dict[str, list[float]] = {"raw": [], "aff": [], "prep": []}
     ratios: dict[str, list[float]] = {"aff": [], "prep": []}

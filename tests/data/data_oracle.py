@@ -1,8 +1,8 @@
 """The in-memory pipeline, kept as a test oracle for ``prepare`` (it is not part of the product).
 
 ``build_datasets`` reads, splits, weights and tokenizes a recipe's sources into lists of
-``TokenizedSample`` with plain Python: one ``templates.tokenize_chat`` call per conversation (the
-per-token mask rule, not ``tokenize``'s vectorised one), one ``tokenizer(text)`` call per document,
+``TokenizedSample`` with plain Python: one ``templates.tokenize_chat`` call per conversation (through
+the HF wrapper, not ``tokenize``'s batches), one ``tokenizer(text)`` call per document,
 no filters, no packing, no processes. The cache built by ``prepare`` must hold exactly these
 samples, as often as they are used here (``test_data_prepare_cache``).
 """
@@ -26,12 +26,12 @@ class PreparedData:
     stats: dict = field(default_factory=dict)
 
 
-def _records(spec, on_bad_record: str) -> list[tuple[str, dict]]:
+def _records(spec, on_bad_record: str, on_system: str) -> list[tuple[str, dict]]:
     skips, out, fmt = SkipCounter(), [], None if spec.format == "auto" else spec.format
     for raw in read_source(spec, on_bad_record, skips):
         try:
             fmt = fmt or detect_format(raw.data, spec.text_field, spec.messages_field, raw.where)
-            out.append((raw.where, convert(raw, spec, fmt)))
+            out.append((raw.where, convert(raw, spec, fmt, system=on_system)))
         except DataError:
             if on_bad_record != "skip":
                 raise
@@ -53,7 +53,7 @@ def _text_samples(tokenizer, text: str, max_length: int) -> list[TokenizedSample
 
 def _samples(tokenizer, task: str, record: dict, max_length: int) -> list[TokenizedSample]:
     if task == "sft":
-        s = tokenize_chat(tokenizer, record["messages"], max_length)
+        s = tokenize_chat(tokenizer, record["messages"], max_length, tools=record.get("tools"))
         return [s] if any(s.loss_mask[1:]) else []
     return _text_samples(tokenizer, record["text"], max_length)
 
@@ -64,7 +64,7 @@ def build_datasets(recipe, tokenizer) -> PreparedData:
     if task == "sft":
         resolve_chat_template(tokenizer, recipe.model.chat_template, recipe.model.name_or_path)
     names = source_names(data.sources)
-    sources = [_records(spec, data.on_bad_record) for spec in data.sources]
+    sources = [_records(spec, data.on_bad_record, data.system) for spec in data.sources]
     counts = heldout_counts([len(r) for r in sources], data.heldout_fraction, data.heldout_max)
     train, heldout, stats = [], [], {"sources": {}}
     for name, spec, records, k in zip(names, data.sources, sources, counts):

@@ -47,7 +47,7 @@ def test_multiturn_labels_are_exactly_the_assistant_turns(name, with_system):
     for text in USER_TEXTS + [SYSTEM]:
         assert text not in labelled
     # every user turn (and the system prompt where the template renders it) is in the unlabelled part
-    unlabelled = tok.decode([t for t, on in zip(sample.input_ids, sample.loss_mask) if not on])
+    unlabelled = tok.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if not m])
     for text in USER_TEXTS:
         assert text in unlabelled
     if with_system:

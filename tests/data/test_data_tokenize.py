@@ -1,11 +1,12 @@
 """Batched tokenization (``data.tokenize``): the same ids and loss masks as the one-sample functions.
 
-The reference for a conversation is ``templates.tokenize_chat`` (HF wrapper, per-token mask rule);
+The reference for a conversation is ``templates.tokenize_chat`` (HF wrapper, one record at a time);
 for a document, ``tokenizer(text)`` with BOS and EOS around it.
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import random
 import warnings
@@ -14,8 +15,8 @@ import numpy as np
 import pytest
 
 from affinage.data.formats import to_canonical
-from affinage.data.templates import NAMED_TEMPLATES, _labels_from_spans, tokenize_chat
-from affinage.data.tokenize import cut_document, document_ids, fast_backend, mask_from_offsets, tokenize_chunk
+from affinage.data.templates import NAMED_TEMPLATES, mask_array_from_spans, tokenize_chat
+from affinage.data.tokenize import cut_document, document_ids, fast_backend, tokenize_chunk
 from data_helpers import REAL_TOKENIZERS, SHARED, needs_shared, real_tokenizer
 
 TEXT = "Le tribunal a rendu sa décision après une longue délibération. " * 6
@@ -55,19 +56,32 @@ def test_a_document_is_cut_in_one_place(trained_tokenizer):
     assert cut_document(np.array([7], np.uint32), 16, "bfd") == []
 
 
+def per_token_rule(offsets, ids, spans, special_ids) -> list[bool]:
+    """The mask rule written token by token (templates' loop before it was vectorised): the oracle."""
+    out = []
+    for (s, e), t in zip(offsets, ids):
+        j = bisect.bisect_right([a for a, _ in spans], s) - 1
+        if e <= s:
+            out.append(j >= 0 and s < spans[j][1])
+            continue
+        hit = spans[j] if j >= 0 and s < spans[j][1] else spans[j + 1] if j + 1 < len(spans) and spans[j + 1][0] < e else None
+        out.append(hit is not None and (t not in special_ids or (hit[0] <= s and e <= hit[1])))
+    return out
+
+
 def test_vectorised_mask_is_the_per_token_rule():
-    offsets = [(0, 3), (3, 6), (6, 9), (9, 12), (12, 12), (14, 16)]
-    assert mask_from_offsets(np.array(offsets), [(4, 9), (12, 15)]).tolist() == [False, True, True, False, True, True]
     rng = random.Random(0)
-    for _ in range(300):
+    for _ in range(400):
         cuts = sorted(rng.sample(range(1, 200), rng.randint(1, 60)))
         offsets = [(a, b) for a, b in zip([0] + cuts, cuts + [200])]
         offsets = [(a, a) if rng.random() < 0.05 else (a, b) for a, b in offsets]  # zero-width special tokens
+        ids = [rng.randrange(20) for _ in offsets]
+        special = set(rng.sample(range(20), rng.randint(0, 5)))
         edges = sorted(rng.sample(range(0, 201), 2 * rng.randint(1, 4)))
         spans = list(zip(edges[::2], edges[1::2]))
-        got = mask_from_offsets(np.array(offsets, dtype=np.int64), spans)
-        assert got.tolist() == _labels_from_spans(offsets, spans)
-    assert mask_from_offsets(np.zeros((0, 2), np.int64), [(0, 3)]).tolist() == []
+        got = mask_array_from_spans(np.array(offsets, dtype=np.int64), np.array(ids), spans, special)
+        assert got.dtype == bool and got.tolist() == per_token_rule(offsets, ids, spans, special)
+    assert mask_array_from_spans(np.zeros((0, 2), np.int64), np.zeros(0, np.int64), [(0, 3)], set()).tolist() == []
 
 
 def check_chat_chunk(tok, conversations, max_length):

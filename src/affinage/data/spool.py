@@ -60,7 +60,7 @@ def spool_source(st: SourceState, filters: RecordFilters, data, task: str, bar) 
             try:
                 if fmt is None:  # the first good record fixes the format for the whole source
                     fmt = detect_format(raw.data, spec.text_field, spec.messages_field, raw.where)
-                record = convert(raw, spec, fmt)
+                record = convert(raw, spec, fmt, system=data.system)
             except DataError as e:
                 if data.on_bad_record != "skip":
                     raise

@@ -5,9 +5,10 @@ One chunk of records (``CHUNK_RECORDS``) is one call of the backend's ``encode_b
 * cpt: a document is [BOS] + tokens + [EOS], every token a target. This module is the one place a
   document is cut (``cut_document``): into pieces of ``max_length`` for ``bfd``/``none`` packing,
   not at all for ``concat`` (the row layout joins and cuts documents, ``packing.layout_concat``).
-* sft: ``templates.find_assistant_spans`` renders the conversation and finds the assistant spans;
-  the loss mask is computed from the token offsets with numpy (``mask_from_offsets``, the rule of
-  ``templates.tokenize_chat``), right-truncated to ``max_length``.
+* sft: ``templates.chat_for_training`` renders each conversation and finds its assistant spans,
+  once per record; the chunk's texts are tokenized in one call with offsets, and the loss mask is
+  ``templates.mask_array_from_spans`` (numpy; the rule ``templates.tokenize_chat`` applies),
+  right-truncated to ``max_length``. The result equals ``tokenize_chat`` record by record (tested).
 
 The loss mask is a mask from here to the batch (bool, stored as uint8 in the cache); labels are
 built once, by the collator (``affinage.data.collator``). Results come back in record order, with
@@ -20,7 +21,7 @@ import os
 from collections import deque
 from dataclasses import dataclass
 from itertools import chain
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -89,23 +90,6 @@ def cut_document(ids: np.ndarray, max_length: int, packing: str) -> list[tuple[n
     return [(p, np.ones(len(p), dtype=bool)) for p in pieces if len(p) > 1]
 
 
-def mask_from_offsets(offsets: np.ndarray, spans: Sequence[tuple[int, int]]) -> np.ndarray:
-    """True for tokens whose start falls in a span, or that straddle a span's start (merged BPE pieces).
-
-    ``offsets``: int [tokens, 2] character offsets; ``spans``: sorted character spans. The same rule
-    as ``templates.tokenize_chat``, vectorised (tested equal).
-    """
-    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
-    if not len(sp) or not len(offsets):
-        return np.zeros(len(offsets), dtype=bool)
-    s, e = offsets[:, 0], offsets[:, 1]
-    j = np.searchsorted(sp[:, 0], s, side="right") - 1
-    inside = (j >= 0) & (s < sp[np.maximum(j, 0), 1])
-    nxt = np.minimum(j + 1, len(sp) - 1)
-    straddles = (j + 1 < len(sp)) & (s < sp[nxt, 0]) & (sp[nxt, 0] < e)
-    return inside | straddles
-
-
 def require_fast(tokenizer) -> None:
     if fast_backend(tokenizer) is None:
         raise DataError(
@@ -114,38 +98,47 @@ def require_fast(tokenizer) -> None:
 
 
 # ------------------------------------------------------------------------------------- a chunk
-def tokenize_chunk(tokenizer, backend, task: str, max_length: int, packing: str, chunk: Sequence[tuple[int, str, dict]]) -> list:
+def tokenize_chunk(tokenizer, backend, task: str, max_length: int, packing: str, chunk: Sequence[tuple[int, str, dict]],
+                   special_ids: Optional[np.ndarray] = None) -> list:
     """``(index, error, TokenizedRecord)`` per record of ``chunk`` (``(index, where, record)``), in order.
 
     ``error`` is ``(message, where, reason)`` for a record the template cannot render (then no
-    result), else None.
+    result), else None. ``special_ids``: the tokenizer's special token ids (computed when None).
     """
     if task == "sft":
-        return _chat_chunk(tokenizer, backend, max_length, chunk)
+        if special_ids is None:
+            special_ids = special_id_array(tokenizer)
+        return _chat_chunk(tokenizer, backend, max_length, chunk, special_ids)
     docs = document_ids(tokenizer, [rec["text"] for _, _, rec in chunk], backend)
     # a document of one token gives no piece and counts as empty (0 tokens)
     return [(idx, None, TokenizedRecord(cut_document(ids, max_length, packing), len(ids) if len(ids) > 1 else 0, False))
             for (idx, _, _), ids in zip(chunk, docs)]
 
 
-def _chat_chunk(tokenizer, backend, max_length: int, chunk) -> list:
-    from affinage.data.templates import find_assistant_spans
+def special_id_array(tokenizer) -> np.ndarray:
+    from affinage.data.templates import special_token_ids
+
+    return np.asarray(sorted(special_token_ids(tokenizer)), dtype=np.int64)
+
+
+def _chat_chunk(tokenizer, backend, max_length: int, chunk, special_ids: np.ndarray) -> list:
+    from affinage.data.templates import chat_for_training, mask_array_from_spans
 
     out: list[Any] = [None] * len(chunk)
     texts, spans, slots = [], [], []
     for k, (idx, where, rec) in enumerate(chunk):
         try:
-            text, sp = find_assistant_spans(tokenizer, rec["messages"])
+            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"))
         except DataError as e:
             out[k] = (idx, (f"{where}: {e}", where, "chat template error"), None)
             continue
-        texts.append(text)
-        spans.append(sp)
+        texts.append(r.text)
+        spans.append(r.spans)
         slots.append(k)
     for k, enc, sp in zip(slots, backend.encode_batch(texts, add_special_tokens=False), spans):
         ids = np.asarray(enc.ids, dtype=np.uint32)
         offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
-        mask = mask_from_offsets(offsets, sp)
+        mask = mask_array_from_spans(offsets, ids, sp, special_ids)
         n = len(ids)
         out[k] = (chunk[k][0], None, TokenizedRecord([(ids[:max_length], mask[:max_length])], n, n > max_length))
     return out
@@ -157,11 +150,12 @@ _W: dict[str, Any] = {}
 
 def _init_worker(tokenizer, task: str, max_length: int, packing: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _W.update(tokenizer=tokenizer, backend=fast_backend(tokenizer), task=task, max_length=max_length, packing=packing)
+    _W.update(tokenizer=tokenizer, backend=fast_backend(tokenizer), task=task, max_length=max_length, packing=packing,
+              special_ids=special_id_array(tokenizer) if task == "sft" else None)
 
 
 def _work(chunk) -> list:
-    return tokenize_chunk(_W["tokenizer"], _W["backend"], _W["task"], _W["max_length"], _W["packing"], chunk)
+    return tokenize_chunk(_W["tokenizer"], _W["backend"], _W["task"], _W["max_length"], _W["packing"], chunk, _W["special_ids"])
 
 
 def tokenize_chunks(chunks: Iterator[list], num_proc: int, tokenizer, task: str, max_length: int, packing: str,

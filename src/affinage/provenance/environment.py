@@ -28,12 +28,16 @@ _URL = re.compile(r"https?://[^\s\"'<>)]+")
 
 
 def git_info(start: Optional[Path] = None) -> dict:
-    """Commit of the affinage checkout (when it is one) and whether it has uncommitted changes."""
-    import affinage
+    """Commit of the affinage checkout (when it is one) and whether it has uncommitted changes.
 
-    folder = start or Path(affinage.__file__).resolve().parents[2]
-    if not (folder / ".git").exists():
-        return {"commit": None, "note": "affinage is not installed from a git checkout"}
+    An installed affinage (wheel, git URL) reads no folder above its package: the commit comes
+    from pip's install record (``direct_url.json`` of a git-URL install), else the version says it.
+    """
+    from affinage.resources import source_checkout
+
+    folder = start or source_checkout()
+    if folder is None or not (folder / ".git").exists():
+        return installed_git_info()
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_TERMINAL_PROMPT": "0", "HOME": os.environ.get("HOME", "/")}
 
     def git(*args: str) -> Optional[str]:
@@ -46,6 +50,20 @@ def git_info(start: Optional[Path] = None) -> dict:
     commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no")
     return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def installed_git_info() -> dict:
+    """What pip recorded about where the installed affinage came from (PEP 610 ``direct_url.json``)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    try:
+        record = json.loads(distribution("affinage").read_text("direct_url.json") or "{}")
+    except (PackageNotFoundError, ValueError):
+        record = {}
+    commit = (record.get("vcs_info") or {}).get("commit_id")
+    if commit:
+        return {"commit": commit, "dirty": False, "source": record.get("url")}
+    return {"commit": None, "note": "affinage is installed from a package, not run from a git checkout"}
 
 
 def library_versions() -> dict:
