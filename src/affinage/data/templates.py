@@ -273,8 +273,12 @@ class ChatRendering:
     turns: list[int]  # message index of each span
 
 
-def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None) -> ChatRendering:
+def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None,
+                headers: Optional[set[str]] = None) -> ChatRendering:
     """Render ``messages`` and find the loss-bearing span of each assistant turn.
+
+    ``headers``: ``header_tokens`` of this tokenizer and template when the caller already has them
+    (a batch of conversations computes them once instead of once per conversation).
 
     The span of assistant turn k is, in the rendered text ``T``:
 
@@ -320,7 +324,8 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
     prompt_last = render(msgs[:last], True, last - 1)
     stitched = not full.startswith(prompt_last)
     marks = end_markers(tokenizer)
-    headers = header_tokens(tokenizer, chat_template, marks)
+    if headers is None:
+        headers = header_tokens(tokenizer, chat_template, marks)
 
     def reply_region(base_msgs, gen, k, text):
         marked_msgs = list(base_msgs)
@@ -518,13 +523,14 @@ def special_token_ids(tokenizer) -> set:
 
 
 def chat_for_training(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None,
-                      system: str = "keep") -> ChatRendering:
+                      system: str = "keep", headers: Optional[set[str]] = None) -> ChatRendering:
     """The conversation as trained on: system policy, ``render_chat``, then ``check_template_support``.
 
-    What ``tokenize_chat`` tokenizes; ``affinage.data.tokenize`` does the same for a batch of them.
+    What ``tokenize_chat`` tokenizes; ``affinage.data.tokenize`` does the same for a batch of them
+    (passing ``headers``, see ``render_chat``).
     """
     messages = apply_system_policy(messages, system)
-    r = render_chat(tokenizer, messages, chat_template, tools)
+    r = render_chat(tokenizer, messages, chat_template, tools, headers)
     check_template_support(tokenizer, messages[: r.turns[-1] + 1], chat_template, tools, r.text)
     return r
 

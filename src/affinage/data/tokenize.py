@@ -122,13 +122,14 @@ def special_id_array(tokenizer) -> np.ndarray:
 
 
 def _chat_chunk(tokenizer, backend, max_length: int, chunk, special_ids: np.ndarray) -> list:
-    from affinage.data.templates import chat_for_training, mask_array_from_spans
+    from affinage.data.templates import chat_for_training, end_markers, header_tokens, mask_array_from_spans
 
     out: list[Any] = [None] * len(chunk)
     texts, spans, slots = [], [], []
+    headers = header_tokens(tokenizer, None, end_markers(tokenizer))  # the same for every record: once per chunk
     for k, (idx, where, rec) in enumerate(chunk):
         try:
-            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"))
+            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"), headers=headers)
         except DataError as e:
             out[k] = (idx, (f"{where}: {e}", where, "chat template error"), None)
             continue
