@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 
 from affinage.data.errors import DataError
-from affinage.data.templates import _special_ids, decode_spans, tokenize_chat
+from affinage.data.templates import decode_spans, special_token_ids, tokenize_chat
 from data_helpers import HAS_SHARED, SHARED, real_tokenizer, training_text
 
 HERE = Path(__file__).parent
@@ -192,7 +192,7 @@ def check_sample(tok, fam: Family, messages: list[dict], sample) -> None:
         assert run.lstrip() == exp.lstrip(), (run, exp)
         assert abs((len(run) - len(run.lstrip())) - (len(exp) - len(exp.lstrip()))) <= 1, (run, exp)
     # no special token but the end marker ever carries loss: never a role header, BOS or generation prompt
-    special = _special_ids(tok)
+    special = special_token_ids(tok)
     marker_ids = set(tok.convert_tokens_to_ids([t for t in re.findall(r"<[^<>]+>", fam.end)]))
     for t, on in zip(sample.input_ids, sample.loss_mask):
         if on and t in special:
