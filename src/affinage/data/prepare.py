@@ -78,7 +78,7 @@ def _template_identity(recipe, hasher: FileHasher) -> Optional[str]:
     from affinage.data.templates import NAMED_TEMPLATES
 
     name = recipe.model.chat_template
-    if not name or recipe.task != "sft":
+    if not name or recipe.task == "cpt":
         return None
     if name in NAMED_TEMPLATES:
         return "named:" + name + ":" + str(hash_text(NAMED_TEMPLATES[name]))
@@ -282,6 +282,10 @@ def prepare(
     ``tokenizer``: used to build on a miss (default: loaded from the recipe); it also keys the
     cache when the recipe's tokenizer folder cannot be found (tests with in-memory tokenizers).
     """
+    if recipe.task in ("dpo", "kto"):  # pairs are not packed: their own cache layout (affinage.data.preference)
+        from affinage.data.preference import prepare_preference
+
+        return prepare_preference(recipe, tokenizer, root=root, progress=progress, force=force)
     t0 = time.perf_counter()
     root = Path(root) if root is not None else cache_root(recipe.data)
     hasher = FileHasher(root if root.is_dir() or _can_create(root) else None)
@@ -670,6 +674,10 @@ def _filter_on(data, reason: str) -> bool:
 
 def format_prepare_summary(cache: PreparedCache) -> str:
     s = cache.stats
+    if s.get("kind") == "preference":
+        from affinage.data.preference import format_preference_summary
+
+        return format_preference_summary(cache)
     lines = ["", "── affinage prepare " + "─" * 40,
              f"cache           {cache.path}  ({'hit' if cache.hit else 'built'} in {cache.seconds:.2f} s)"]
     for name, src in s["sources"].items():

@@ -75,9 +75,11 @@ class TrainResult:
         return asdict(self)
 
 
-def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None):
+def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None,
+                        args_class=None, extra: dict | None = None):
     """``TrainingArguments`` from the recipe; ``strategy`` (``affinage.distributed.strategies.DistributedSetup``)
-    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``."""
+    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``. ``args_class``/``extra``: a TRL config
+    class (``DPOConfig``, ``KTOConfig``) and its own keywords, for ``affinage.train.preference``."""
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -127,7 +129,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
     )
     if strategy is not None:
         kwargs.update(strategy.training_arguments())  # deepspeed=<dict filled from the recipe> / fsdp_config=...
-    return TrainingArguments(**kwargs)
+    return (args_class or TrainingArguments)(**kwargs, **(extra or {}))
 
 
 def train(
@@ -142,6 +144,10 @@ def train(
 
     ``callbacks`` are extra ``TrainerCallback`` objects (tests, integrations).
     """
+    if recipe.task in ("dpo", "kto"):  # TRL's preference trainers on the same run directory
+        from affinage.train.preference import train_preference
+
+        return train_preference(recipe, run, resume=resume, world_size=world_size, callbacks=callbacks)
     from transformers.trainer_callback import ProgressCallback
 
     from affinage.data.batches import PackedCollator, PackedDataset
