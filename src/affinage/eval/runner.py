@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from affinage.errors import UserError
-from affinage.eval import harness, mcq, perplexity
+from affinage.eval import harness, mcq, perplexity, preference
 from affinage.eval.generation import generate
 from affinage.eval.models import (Target, context_length, count_parameters, default_device, eval_dtype, load,
                                   resolve_target, unload)
@@ -114,6 +114,7 @@ class _Data:
     items: dict[str, list] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
+    pairs: Optional[list] = None  # held-out preference pairs of a dpo/kto run (eval.preference)
 
 
 def _read_data(spec: EvalSpec, limit: Optional[int]) -> _Data:
@@ -161,6 +162,9 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
                                      max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length)
         _say(progress, f"{role:<5} generation: {len(data.prompts)} prompts")
+    if data.pairs:
+        out["preference"] = preference.score_pairs(loaded.model, loaded.tokenizer, data.pairs, batch_size=batch_size, device=device)
+        _say(progress, f"{role:<5} preference: {len(data.pairs)} held-out pairs")
     if spec.lm_eval:
         if not harness.available():
             out["lm_eval"] = {"skipped": harness.MISSING}
@@ -238,6 +242,8 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
 
         recipe_spec = load_recipe(probe / "recipe.yaml").eval
     spec = spec or recipe_spec
+    if spec is None and (probe / "recipe.yaml").is_file() and preference.is_preference_run(load_recipe(probe / "recipe.yaml")):
+        spec = EvalSpec()  # a preference run always has its held-out pairs to score
     if spec is None:
         raise UserError(NO_SPEC)
     spec = select(spec, tasks)
@@ -249,6 +255,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     device = device or default_device()
     bs = batch_size or spec.batch_size
     data = _read_data(spec, limit)
+    data.pairs = preference.heldout_pairs(t, limit)
 
     refs = ([("base", t.base)] if t.base is not None else []) + [("tuned", t.tuned)]
     raw: dict[str, dict] = {}
@@ -294,6 +301,10 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
         "notes": t.notes,
     }
+    if data.pairs is not None:
+        beta = t.recipe.preference.beta if t.recipe.preference else 0.1
+        results["preference"] = preference.preference_entry({r: raw[r].get("preference", []) for r in raw}, beta=beta,
+                                                            bootstrap=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)
     results["seconds"] = round(time.monotonic() - start, 2)
     if write:
         write_results(root, results, raw, data, spec)
@@ -324,6 +335,8 @@ def write_results(root: Path, results: dict, raw: dict, data: _Data, spec: EvalS
         for name, per_item in r["mcq"].items():
             for i, row in enumerate(per_item):
                 lines.append({"model": role, "kind": "mcq", "set": name, "index": i, **row})
+        for i, sc in enumerate(r.get("preference") or []):
+            lines.append({"model": role, "kind": "preference", "index": i, **sc})
         for i, text in enumerate(r["generation"] or []):
             lines.append({"model": role, "kind": "generation", "index": i, "prompt": data.prompts[i], "output": text})
     write_text(out / DETAILS_FILE, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
@@ -369,5 +382,7 @@ def format_results(results: dict) -> str:
     if root:
         lines.append(f"{'report':<20} {Path(root) / 'report.md'}")
         lines.append(f"{'results':<20} {eval_dir(Path(root)) / RESULTS_FILE}")
+    if results.get("preference"):
+        lines.append(preference.format_line(results["preference"]))
     lines.append(f"{'time':<20} {results.get('seconds', 0):.0f} s")
     return "\n".join(lines)

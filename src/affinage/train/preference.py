@@ -99,17 +99,24 @@ def _wait_for(path: Path, timeout: float = 3600) -> None:
 
 
 def load_policy(recipe: Recipe, stack: Path | None):
-    """The trained model: ``affinage.model.load.load_model``, or the base with the SFT adapter made trainable."""
-    from affinage.model.load import load_model
+    """(model, peft_config): the model to train and, for a new LoRA adapter, the config TRL applies.
 
-    if stack is None:
-        return load_model(recipe)
-    import torch
-    from peft import PeftModel
+    A new adapter goes through TRL's ``peft_config`` so that TRL's reference is the model with the
+    adapter disabled (handing TRL a ready ``PeftModel`` makes it copy the adapter as a "ref" adapter,
+    which is what ``start: stacked`` wants). QLoRA keeps ``load_model``'s k-bit preparation.
+    """
+    from affinage.model.load import load_model, lora_config
 
-    base = load_model(recipe.model_copy(update={"method": recipe.method.model_copy(update={"kind": "full", "lora": None})}))
-    torch.manual_seed(recipe.seed)
-    return PeftModel.from_pretrained(base, str(stack), is_trainable=True)
+    full = recipe.model_copy(update={"method": recipe.method.model_copy(update={"kind": "full", "lora": None})})
+    if stack is not None:
+        import torch
+        from peft import PeftModel
+
+        torch.manual_seed(recipe.seed)
+        return PeftModel.from_pretrained(load_model(full), str(stack), is_trainable=True), None
+    if recipe.method.kind == "lora":
+        return load_model(full), lora_config(recipe.method.lora)
+    return load_model(recipe), None
 
 
 def load_reference(recipe: Recipe, stack: Path | None):
@@ -269,7 +276,7 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     strategy = setup_distributed(recipe, run.root, world_size=world_size, accumulation=accumulation, resume_from=resume_from)
     policy_recipe, stack = resolve_start(recipe, run, is_main=is_main)
     reference = recipe.preference.resolved_reference(recipe.method.kind)
-    model = load_policy(policy_recipe, stack)
+    model, peft_config = load_policy(policy_recipe, stack)
     ref_model = load_reference(policy_recipe, stack) if reference == "frozen_copy" else None
 
     trainer_cls, config_cls = trainer_classes(recipe.task)
@@ -289,6 +296,7 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     stop = StopRequestCallback(run.root / STOP_FILE)
     trainer = cls(
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
+        peft_config=peft_config,
         callbacks=[MetricsFileCallback(run.metrics), CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
                    stop, *callbacks],
     )
