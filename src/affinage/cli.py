@@ -123,7 +123,7 @@ def cmd_plan(args) -> int:
 
     recipe = _load(args, world_size=args.world_size)
     plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
-    if recipe.distributed.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload"):
+    if recipe.distributed.sharded:
         from affinage.distributed.configs import config_path, model_hidden_size, render
 
         # the strategy's file, filled from the recipe and checked (DeepSpeed's own parser) as a GPU run would

@@ -119,7 +119,8 @@ def test_profile_errors_name_file_and_key(tmp_path):
     path.write_text(local_profile_text() + "gpu_per_node: 2\n")
     with pytest.raises(ProfileError) as e:
         load_profile(path)
-    assert f"{path}: gpu_per_node: Extra inputs are not permitted" in str(e.value)
+    # the same translator as recipes: the key, a did-you-mean and the valid keys
+    assert f"{path}: gpu_per_node: unknown key 'gpu_per_node'. Did you mean 'gpus_per_node'?" in str(e.value)
 
     path.write_text(local_profile_text().replace("cache: ${TMPDIR:-/tmp}/affinage-cache", "cache: $HOME/.cache"))
     with pytest.raises(ProfileError, match=r"mine.yaml: storage.cache: .*under \$HOME"):

@@ -40,12 +40,13 @@ from typing import Any, Optional
 
 import numpy as np
 
-from affinage.data.cache import FileHasher, build_lock, cache_root, key_of, publish
+from affinage.data.cache import build_lock, cache_root, key_of, publish
 from affinage.data.dataset import heldout_counts, source_names, weighted_indices
 from affinage.data.errors import DataError, SkipCounter
 from affinage.data.filters import ExactDedup, LengthFilter, NearDedup
 from affinage.data.formats import nfc
 from affinage.data.readers import read_source
+from affinage.hashing import FileHasher
 
 PREFERENCE_FORMAT_VERSION = 1
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",

@@ -27,12 +27,15 @@ from typing import Any, Optional
 
 from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
+from affinage.paths import expand
+from affinage.sharding import STRATEGY_TABLE
+from affinage import hardware
 
 CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"
 DEEPSPEED_DIR = CONFIGS_DIR / "deepspeed"
 ACCELERATE_DIR = CONFIGS_DIR / "accelerate"
 
-ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+ZERO_STAGE = {name: s.zero_stage for name, s in STRATEGY_TABLE.items() if s.deepspeed}  # from the one table
 ADAM_EPS = 1e-8  # TrainingArguments' default adam_epsilon (the recipe has no key for it)
 
 
@@ -52,9 +55,7 @@ def default_config_path(strategy: str) -> Optional[Path]:
 def config_path(recipe: Recipe) -> Optional[Path]:
     d = recipe.distributed
     if d.config:
-        import os
-
-        return Path(os.path.expanduser(os.path.expandvars(d.config)))
+        return expand(d.config)
     return default_config_path(d.strategy)
 
 
@@ -77,15 +78,8 @@ def _read(path: Path) -> dict:
 
 
 def use_bf16(recipe: Recipe, on_gpu: bool) -> bool:
-    """bf16 training: the same rule as the Trainer glue (bf16 on a GPU that supports it, never on CPU)."""
-    import torch
-
-    if not on_gpu:
-        return False
-    wants = recipe.model.dtype in ("auto", "bfloat16")
-    if not torch.cuda.is_available():
-        return wants  # planning on a laptop for a GPU run (affinage plan)
-    return bool(wants and torch.cuda.is_bf16_supported())
+    """bf16 training for this recipe (the one rule: ``affinage.hardware.use_bf16``)."""
+    return hardware.use_bf16(recipe.model.dtype, on_gpu)
 
 
 # ---------------------------------------------------------------------------------- DeepSpeed

@@ -40,6 +40,7 @@ from transformers import TrainerCallback
 from affinage.distributed import configs as dcfg
 from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
+from affinage.sharding import strategy as strategy_entry
 
 DIST_DIR = "distributed"  # RUN_DIR/distributed/: rendered config, runtime report
 RUNTIME_FILE = "runtime.json"
@@ -144,13 +145,10 @@ def checkpoint_kind(path: Path) -> str:
     return "unknown"
 
 
-STRATEGY_CHECKPOINTS = {"single": "plain", "ddp": "plain", "fsdp2": "fsdp", "zero2": "deepspeed", "zero3": "deepspeed", "zero3_offload": "deepspeed"}
-
-
 def check_resume_compatible(strategy: str, checkpoint: Path) -> None:
     """A checkpoint resumes only under the family of strategy that wrote it (plain, FSDP, DeepSpeed)."""
     kind = checkpoint_kind(checkpoint)
-    want = STRATEGY_CHECKPOINTS[strategy]
+    want = strategy_entry(strategy).checkpoint_family
     if kind not in (want, "unknown"):
         raise StrategyError(
             f"{checkpoint} was written by a {kind} run, and this recipe uses distributed.strategy {strategy}: resume "

@@ -22,11 +22,14 @@ from typing import Any, Optional, Sequence
 from affinage.errors import UserError
 from affinage.eval import harness, mcq, perplexity, preference
 from affinage.eval.generation import generate
-from affinage.eval.models import (Target, context_length, count_parameters, default_device, eval_dtype, load,
+from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
-from affinage.eval.sets import expand, file_sha256, read_mcq, read_prompts, read_texts
+from affinage.eval.sets import read_mcq, read_prompts, read_texts
+from affinage.hashing import FileHasher
+from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
 from affinage.recipe.schema import EvalSpec, GenerationSpec, McqSetSpec, PerplexitySetSpec
+from affinage.model.load import count_parameters
 
 KINDS = ("perplexity", "mcq", "generation", "lm_eval")
 ROLES = ("base", "tuned")
@@ -53,7 +56,8 @@ def eval_dir(root: Path) -> Path:
 
 def load_spec_file(path: str) -> EvalSpec:
     import yaml
-    from pydantic import ValidationError
+
+    from affinage.recipe.problems import validate
 
     p = expand(path)
     try:
@@ -62,11 +66,7 @@ def load_spec_file(path: str) -> EvalSpec:
         raise UserError(f"--spec {path}: cannot read ({e.strerror})") from None
     if isinstance(data, dict) and "eval" in data and len(data) == 1:
         data = data["eval"]
-    try:
-        return EvalSpec.model_validate(data)
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise UserError(f"--spec {path}: " + "; ".join(lines)) from None
+    return validate(EvalSpec, data, file=p)
 
 
 def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
@@ -175,7 +175,7 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
 
 
 def _ppl_entry(s: PerplexitySetSpec, texts, raw: dict, spec: EvalSpec) -> dict:
-    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": file_sha256(expand(s.path)),
+    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
                              "role": s.role, "documents": len(texts)}
     ln2 = math.log(2)
     for role, scores in raw.items():
@@ -192,7 +192,7 @@ def _ppl_entry(s: PerplexitySetSpec, texts, raw: dict, spec: EvalSpec) -> dict:
 
 
 def _mcq_entry(s: McqSetSpec, items, raw: dict, spec: EvalSpec) -> dict:
-    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": file_sha256(expand(s.path)),
+    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
                              "role": s.role, "items": len(items), "num_fewshot": s.num_fewshot, "template": s.template,
                              "chance": sum(1 / len(it.choices) for it in items) / len(items)}
     for role, per_item in raw.items():
@@ -271,7 +271,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
             max_length = context_length(loaded.model)
         models[role] = {"description": ref.description, "name_or_path": ref.spec.name_or_path,
                         "adapter": str(ref.adapter) if ref.adapter else None,
-                        "random_init_seed": ref.seed, "parameters": count_parameters(loaded.model)}
+                        "random_init_seed": ref.seed, "parameters": count_parameters(loaded.model)[0]}
         raw[role] = _evaluate_one(loaded, spec, data, max_length=max_length, batch_size=bs, device=device,
                                   limit=limit, progress=progress, role=role)
         if role == "base" and t.tuned.adapter is not None and t.tuned.same_base(ref) and not spec.lm_eval:

@@ -8,38 +8,14 @@ Multiple-choice items are JSON objects ``{"question": str, "choices": [str, ...]
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 from affinage.data.errors import DataError
+from affinage.paths import expand
 from affinage.data.formats import nfc
 from affinage.data.readers import read_source
-
-
-def expand(path: str | os.PathLike) -> Path:
-    """``~`` and ``$VARS`` expanded; relative paths are relative to the current directory."""
-    return Path(os.path.expanduser(os.path.expandvars(os.fspath(path))))
-
-
-def file_sha256(path: Path) -> Optional[str]:
-    """sha256 of a file, or of a folder's files (names and contents, sorted); None if absent."""
-    path = Path(path)
-    if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(p.relative_to(path).as_posix().encode() + b"\0" + (file_sha256(p) or "").encode() + b"\n")
-        return h.hexdigest()
-    return None
 
 
 def _records(path: str, text_field: str = "text"):

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Iterable, Literal, Optional
 
 from affinage.model.errors import ModelFolderError, ModelNotFoundError
+from affinage.paths import expand_str
 
 Kind = Literal["model", "tokenizer"]
 
@@ -48,7 +49,7 @@ def hf_cache_dirs() -> list[tuple[Path, str]]:
 
 def _expand(text: str) -> tuple[str, list[str]]:
     """Expand ``~`` and ``$VARS``; also return the names of variables that are not set."""
-    expanded = os.path.expandvars(os.path.expanduser(text))
+    expanded = expand_str(text)
     missing = [m.group(1) for m in _UNSET_VAR.finditer(expanded) if m.group(1) not in os.environ]
     return expanded, missing
 

@@ -149,11 +149,8 @@ def config_parameters(folder: Path, trust_remote_code: bool = False) -> Optional
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        seen, total = set(), 0
-        for p in model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-        return total
+        from affinage.model.load import count_parameters
+
+        return count_parameters(model)[0]
     except Exception:
         return None

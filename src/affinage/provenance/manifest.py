@@ -36,10 +36,11 @@ from typing import Any, Optional
 from urllib.parse import urlparse
 
 from affinage.errors import UserError
-from affinage.eval.sets import file_sha256
+from affinage.hashing import FileHasher
 from affinage.provenance import compute as compute_mod
 from affinage.provenance import energy as energy_mod
 from affinage.provenance.language import shares
+from affinage.hardware import usable_cpus
 
 SCHEMA = "affinage.provenance/1"
 PROVENANCE_FILE = "provenance.json"
@@ -73,7 +74,7 @@ class Hasher:
         elif key in self.known and self.known[key][:2] == (st.st_size, st.st_mtime_ns):
             entry.update(sha256=self.known[key][2], hash_from="previous manifest (same size and time)")
         else:
-            entry.update(sha256=file_sha256(path), hash_from="computed")
+            entry.update(sha256=FileHasher().maybe(path), hash_from="computed")
         return entry
 
     def folder(self, folder: Path, skip: tuple[str, ...] = ()) -> list[dict]:
@@ -103,8 +104,8 @@ def find_sidecar(path: Path) -> Optional[Path]:
 
 def read_sidecar(path: Path) -> dict:
     import yaml
-    from pydantic import ValidationError
 
+    from affinage.recipe.problems import validate
     from affinage.recipe.schema import SourceCardSpec
 
     try:
@@ -113,11 +114,8 @@ def read_sidecar(path: Path) -> dict:
         raise UserError(f"{path}: cannot read this provenance sidecar ({e})") from None
     if isinstance(data, dict) and "license" in data and "licence" not in data:
         data["licence"] = data.pop("license")
-    try:
-        return SourceCardSpec.model_validate(data).model_dump(exclude_none=True)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise UserError(f"{path}: {problems}. Keys: licence, origin, category, description, domains, opt_out, collected") from None
+    card = validate(SourceCardSpec, data, file=path, hint="A provenance sidecar's keys: licence, origin, category, description, domains, opt_out, collected")
+    return card.model_dump(exclude_none=True)
 
 
 def _record_text(data: dict, spec) -> str:
@@ -177,7 +175,7 @@ def describe_sources(recipe, stats: Optional[dict], hasher: Hasher) -> list[dict
         elif path.is_dir():
             files = [p for p in sorted(path.rglob("*")) if p.is_file()]
             entry.update(kind="folder", files=len(files), bytes=sum(p.stat().st_size for p in files),
-                         sha256=file_sha256(path), hash_from="computed (sorted relative paths and file hashes)")
+                         sha256=FileHasher().maybe(path), hash_from="computed (sorted relative paths and file hashes)")
         sidecar = find_sidecar(path) if path.exists() else None
         side = read_sidecar(sidecar) if sidecar else {}
         if sidecar:
@@ -265,7 +263,7 @@ def describe_base(recipe, hasher: Hasher) -> dict:
                 "run": up.get("run", {}).get("name"),
                 "run_dir": str(parent),
                 "provenance": str(parent / PROVENANCE_FILE),
-                "provenance_sha256": file_sha256(parent / PROVENANCE_FILE),
+                "provenance_sha256": FileHasher().maybe(parent / PROVENANCE_FILE),
                 "training_flops": (up.get("compute") or {}).get("flops"),
                 "base_training_flops": ((up.get("ai_act") or {}).get("compute_check") or {}).get("base_flops"),
                 "base_model": (up.get("base_model") or {}).get("name_or_path"),
@@ -333,10 +331,7 @@ def hardware(world_size: Optional[int] = None) -> dict:
     """The machine of the calling process (call it from the training process)."""
     import torch
 
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
+    cores = usable_cpus()
     try:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
@@ -490,7 +485,7 @@ def build_manifest(recipe, run, result=None, *, training_process: bool = True, p
         "run": {"name": recipe.name, "description": recipe.description, "task": recipe.task, "method": recipe.method.kind,
                 "run_dir": str(run.root), "completed": summary.get("completed"), "steps": summary.get("steps"),
                 "max_steps": summary.get("max_steps")},
-        "recipe": {"file": str(run.recipe), "sha256": file_sha256(run.recipe),
+        "recipe": {"file": str(run.recipe), "sha256": FileHasher().maybe(run.recipe),
                    "resolved": yaml.safe_load(dump_resolved(recipe))},
         "sources": sources,
         "totals": _totals(sources),
@@ -501,7 +496,7 @@ def build_manifest(recipe, run, result=None, *, training_process: bool = True, p
         "compute": compute,
         "energy": energy,
         "ai_act": {"compute_check": check},
-        "evaluation": {"results": str(eval_file), "sha256": file_sha256(eval_file)} if eval_file.is_file() else None,
+        "evaluation": {"results": str(eval_file), "sha256": FileHasher().maybe(eval_file)} if eval_file.is_file() else None,
     }
 
 

@@ -13,6 +13,8 @@ from typing import Literal, Optional
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from affinage.recipe.preference import PreferenceSpec, check_preference_recipe
+from affinage.sharding import StrategyName, strategy
+from affinage.sharding import describe as describe_strategies
 
 
 class Strict(BaseModel):
@@ -329,9 +331,6 @@ class OutputSpec(Strict):
 
 
 # --------------------------------------------------------------------------------- distributed
-STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
-
-
 class DistributedSpec(Strict):
     """How the model is spread over the processes (GPUs): the same recipe runs on 1 GPU, one node or many.
 
@@ -340,13 +339,7 @@ class DistributedSpec(Strict):
     ``affinage.distributed``); batch sizes, accumulation, clipping, dtype and optimizer are always the recipe's.
     """
 
-    strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload"] = Field(
-        "ddp",
-        description="single: one process, refused under several; ddp: a full replica per GPU (gradients averaged); "
-        "fsdp2: PyTorch FSDP2, parameters, gradients and optimizer states sharded; zero2: DeepSpeed ZeRO-2, "
-        "gradients and optimizer states sharded; zero3: DeepSpeed ZeRO-3, everything sharded; zero3_offload: "
-        "ZeRO-3 with optimizer states and parameters in CPU RAM",
-    )
+    strategy: StrategyName = Field("ddp", description=describe_strategies())
     offload_optimizer: Optional[bool] = Field(
         None, description="optimizer states and step in CPU RAM (zero2, zero3; default true for zero3_offload)"
     )
@@ -389,7 +382,7 @@ class DistributedSpec(Strict):
 
     def offloads(self) -> tuple[bool, bool]:
         """(optimizer, parameters) offloaded to CPU RAM, with the strategy's defaults applied."""
-        default = self.strategy == "zero3_offload"
+        default = strategy(self.strategy).offload_by_default
         opt = default if self.offload_optimizer is None else self.offload_optimizer
         params = default if self.offload_params is None else self.offload_params
         if self.strategy == "fsdp2":
@@ -399,7 +392,7 @@ class DistributedSpec(Strict):
     @property
     def sharded(self) -> bool:
         """Whether the strategy needs a process group even on one process (FSDP2 and DeepSpeed)."""
-        return self.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload")
+        return strategy(self.strategy).sharded
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -561,11 +554,12 @@ class Recipe(Strict):
 
     def run_dir(self) -> str:
         """``output.dir`` with ``{name}``, ``~`` and environment variables (``$WORK``) expanded."""
-        import os
 
         from affinage.errors import UserError
 
-        path = os.path.expanduser(os.path.expandvars(self.output.dir.format(name=self.name)))
+        from affinage.paths import expand_str
+
+        path = expand_str(self.output.dir.format(name=self.name))
         if "$" in path:
             raise UserError(
                 f"output.dir {self.output.dir!r} uses an environment variable that is not set here ({path}): "

@@ -14,6 +14,7 @@ allows or a QoS the GPU kind does not have, listing the valid choices.
 from __future__ import annotations
 
 from affinage.errors import UserError
+from affinage.recipe.problems import validate
 import os
 import re
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CLUSTERS_DIR = Path(__file__).resolve().parents[3] / "configs" / "clusters"
 
@@ -377,15 +378,7 @@ def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:
         raise ProfileError(f"{path}: cannot read the profile: {e}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a profile is a mapping of keys (name:, description:, ...)")
-    try:
-        profile = ClusterProfile.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors(include_url=False):
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-            lines.append(f"{path}: {key}: {message}")
-        raise ProfileError("\n".join(lines)) from None
+    profile = validate(ClusterProfile, data, file=path, error=ProfileError)
     if profile.name != path.stem and path.parent == CLUSTERS_DIR:
         raise ProfileError(f"{path}: name: {profile.name!r} should match the file name {path.stem!r}")
     return profile

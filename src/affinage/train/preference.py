@@ -30,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from affinage.errors import UserError
+from affinage.paths import expand
 from affinage.recipe.schema import Recipe
 from affinage.run import RunDir, atomic_write_json
 
@@ -56,7 +57,7 @@ def resolve_start(recipe: Recipe, run: RunDir, *, is_main: bool = True) -> tuple
     p = recipe.preference
     if p is None or p.from_run is None:
         return recipe, None
-    src = Path(os.path.expanduser(os.path.expandvars(p.from_run)))
+    src = expand(p.from_run)
     final = src / "final"
     if not final.is_dir():
         raise PreferenceStartError(

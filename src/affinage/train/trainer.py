@@ -13,13 +13,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from affinage.recipe.schema import Recipe
 from affinage.run import RunDir, atomic_write_json
+from affinage.hardware import use_bf16
 
 STOP_FILE = "STOP"
 
@@ -84,7 +84,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
 
     t = recipe.training
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and recipe.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(recipe.model.dtype, on_gpu)
     report = [r for r in t.report_to if r != "none"] or "none"
     sched_kwargs: dict = {}
     scheduler = t.lr_scheduler
