@@ -34,9 +34,9 @@ class PreferenceSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(0.1, description="strength of the pull towards the reference (higher: stay closer); IPO's tau")
-    loss_type: Union[str, list[str]] = Field(
-        "sigmoid",
-        description="dpo: " + ", ".join(DPO_LOSS_TYPES) + " (a list combines several with loss_weights); kto: "
+    loss_type: Optional[Union[str, list[str]]] = Field(
+        None,
+        description="default sigmoid (dpo) or kto (kto); dpo: " + ", ".join(DPO_LOSS_TYPES) + " (a list combines several with loss_weights); kto: "
         + ", ".join(KTO_LOSS_TYPES),
     )
     loss_weights: Optional[list[float]] = Field(None, description="one weight per loss_type when several are combined")
@@ -102,6 +102,8 @@ class PreferenceSpec(BaseModel):
 
     @property
     def losses(self) -> list[str]:
+        if self.loss_type is None:
+            return []
         return [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
 
     def prompt_budget(self, max_length: int) -> int:
@@ -128,6 +130,8 @@ def check_preference_recipe(recipe) -> None:
     if p is None:
         recipe.preference = p = PreferenceSpec()
     allowed = DPO_LOSS_TYPES if task == "dpo" else KTO_LOSS_TYPES
+    if p.loss_type is None:
+        p.loss_type = allowed[0]  # sigmoid (DPO) or kto
     bad = [x for x in p.losses if x not in allowed]
     if bad:
         raise ValueError(
