@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
-from affinage.recipe.loader import load_recipe
+from affinage.recipe.loader import dump_resolved, load_recipe
 from affinage.run import RunDir
 from affinage.train.trainer import STOP_FILE, train
 
@@ -60,6 +60,7 @@ def test_dpo_loss_decreases_and_heldout_preference_accuracy_rises(tmp_path, pret
     summary = json.loads(run.summary.read_text())
     assert summary["preference"]["reference"] == "adapter_disabled"
     assert not (run.final / "ref").exists()  # no reference copy of the adapter: TRL switches it off
+    run.recipe.write_text(dump_resolved(recipe), encoding="utf-8")  # what `affinage train` writes
     res = run_eval(run.root, progress=False)
     e = res["preference"]
     assert e["pairs"] == 16
