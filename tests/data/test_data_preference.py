@@ -126,7 +126,7 @@ def test_prepare_dedups_truncates_counts_and_hits_the_cache(tmp_path, tiny_llama
     recipe = _recipe(tmp_path, src)
     cache = prepare(recipe, tok)
     s = cache.stats["sources"]["prefs.jsonl"]
-    assert s["records_read"] == 12 and s["filters"] == {"exact_duplicate": 1} and s["documents_kept"] == 11
+    assert s["records_read"] == 12 and s["filters"] == {"exact_duplicate": {"dropped": 1}} and s["documents_kept"] == 11
     assert len(cache.train) + len(cache.heldout) == 11 and len(cache.heldout) == 3
     tot = cache.stats["totals"]
     assert tot["train"]["prompt_truncated"] + tot["heldout"]["prompt_truncated"] == 1

@@ -587,12 +587,20 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str) -> None:
                                           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id})
 
 
+def _filters(data, st: _Source) -> dict:
+    """Per filter: documents dropped (the SFT stats' shape, read by provenance); enabled filters listed at 0."""
+    f = data.filters
+    on = {"too_short_chars": f.min_chars > 0, "too_long_chars": f.max_chars is not None, "exact_duplicate": f.exact_dedup,
+          "near_duplicate": f.near_dedup, "contaminated": data.decontamination is not None and data.decontamination.action == "drop"}
+    return {k: {"dropped": st.dropped.get(k, 0)} for k in on if on[k] or k in st.dropped}
+
+
 def _stats(recipe, sources: list[_Source], split_stats: dict, trunc: Truncation, tokens: int, seconds: dict) -> dict:
     per = {}
     for st in sources:
         per[st.name] = {"path": st.spec.path, "kind": "preference", "format": st.fmt, "weight": st.spec.weight,
                         "licence": st.spec.licence, "origin": st.spec.origin, "records_read": st.read,
-                        "skipped": st.skips.as_dict(), "filters": dict(st.dropped),
+                        "skipped": st.skips.as_dict(), "filters": _filters(recipe.data, st),
                         "documents_kept": len(st.records), "train": st.counts["train"], "heldout": st.counts["heldout"]}
         if "contaminated_reported" in st.counts:
             per[st.name]["contamination"] = {"documents": st.counts["contaminated_reported"],
@@ -620,7 +628,7 @@ def format_preference_summary(cache: PreferenceCache) -> str:
     lines = ["", "── affinage prepare (preference) " + "─" * 27,
              f"cache           {cache.path}  ({'hit' if cache.hit else 'built'} in {cache.seconds:.2f} s)"]
     for name, src in s["sources"].items():
-        drops = ", ".join(f"{k} {v}" for k, v in src["filters"].items()) or "no filter"
+        drops = ", ".join(f"{k} {v['dropped']}" for k, v in src["filters"].items()) or "no filter"
         t = src["train"]
         lines.append(f"{name:<15} {src['records_read']} read, {src['documents_kept']} kept ({drops}); {t['samples']} train "
                      f"samples, {src['heldout']['samples']} held out; truncated: {t['prompt_truncated']} prompts, "
