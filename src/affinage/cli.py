@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
 
     from affinage.recipe.loader import load_recipe_with_sources
 
-    from affinage.distributed.strategies import finish_distributed, launched
+    from affinage.distributed.process import finish_distributed, launched
 
     if args.nproc is not None and args.nproc < 1:
         raise _usage_error("--nproc must be at least 1")

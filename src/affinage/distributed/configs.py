@@ -43,6 +43,10 @@ class DistributedConfigError(UserError):
     """A distributed config file that cannot be used with this recipe; ``str()`` says what to change."""
 
 
+class StrategyError(UserError):
+    """A strategy that cannot run as launched; ``str()`` says what to do."""
+
+
 def default_config_path(strategy: str) -> Optional[Path]:
     """The shipped file a strategy starts from (None for ddp/single)."""
     if strategy in ZERO_STAGE:
