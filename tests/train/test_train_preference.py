@@ -112,3 +112,53 @@ def test_dpo_stop_then_resume_equals_uninterrupted_bitwise_and_reuses_reference_
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert losses(ref_run)[-1] == losses(run)[-1]
+
+
+def _sft_run(tmp_path: Path, model_dir: Path, demo_data: Path) -> Path:
+    from affinage.recipe.loader import load_recipe_dict
+
+    recipe = load_recipe_dict({
+        "name": "sft-start", "task": "sft", "seed": 7, "model": {"name_or_path": str(model_dir), "dtype": "float32"},
+        "method": {"kind": "lora", "lora": {"r": 8, "alpha": 16, "dropout": 0.0}},
+        "data": {"sources": [{"path": str(demo_data / "qa_culture.jsonl"), "format": "chat", "max_records": 16}],
+                 "max_length": 96, "cache_dir": str(tmp_path / "cache")},
+        "training": {"global_batch_size": 4, "micro_batch_size": 2, "duration": "4 steps", "learning_rate": 1e-2,
+                     "report_to": ["none"]},
+        "output": {"dir": str(tmp_path / "sft")},
+    })
+    run = RunDir.create(recipe.run_dir())
+    train(recipe, run)
+    run.recipe.write_text(dump_resolved(recipe), encoding="utf-8")
+    return run.root
+
+
+def test_dpo_starts_from_an_sft_run_merged_or_stacked(tmp_path, pretrained_tiny_dir, demo_data):
+    sft = _sft_run(tmp_path, pretrained_tiny_dir, demo_data)
+    data = demo_data / "preferences.jsonl"
+    for start in ("merged", "stacked"):
+        recipe = load_recipe(write_recipe(tmp_path / start, pretrained_tiny_dir, data, steps=4, records=16,
+                                          pref=f", from_run: {sft}, start: {start}"))
+        run = RunDir.create(recipe.run_dir())
+        result = train(recipe, run)
+        assert result.completed and abs(losses(run)[0] - 0.6931) < 1e-3  # the reference is the SFT model itself
+        pref = json.loads(run.summary.read_text())["preference"]
+        if start == "merged":
+            assert (run.root / "start" / "model.safetensors").exists() and pref["stacked_adapter"] is None
+            assert json.loads((run.root / "start" / "affinage-start.json").read_text())["adapter"] == str(sft / "final")
+        else:
+            assert pref["stacked_adapter"] == str(sft / "final") and not (run.root / "start").exists()
+            # the SFT adapter kept training: its weights moved away from the SFT run's
+            a, b = load_file(sft / "final" / "adapter_model.safetensors"), load_file(run.final / "adapter_model.safetensors")
+            assert a.keys() == b.keys() and any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_reference_free_dpo_uses_no_reference(tmp_path, pretrained_tiny_dir, demo_data):
+    recipe = load_recipe(write_recipe(tmp_path, pretrained_tiny_dir, demo_data / "preferences.jsonl", steps=8, records=16,
+                                      pref=", reference: none, loss_type: sigmoid_norm"))
+    run = RunDir.create(recipe.run_dir())
+    result = train(recipe, run)
+    ls = losses(run)
+    assert result.completed and abs(ls[0] - 0.6931) > 1e-3  # scores are the policy's own, not policy − reference
+    assert sum(ls[-3:]) / 3 < ls[0], ls
+    assert not (run.root / "reference").exists()
+    assert json.loads(run.summary.read_text())["preference"]["reference"] == "none"
