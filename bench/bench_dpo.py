@@ -128,7 +128,7 @@ def run_affinage(model_dir: Path, out: Path, cache: Path, a) -> dict:
 
     from affinage.recipe.loader import load_recipe_dict
     from affinage.run import RunDir
-    from affinage.train.trainer import train
+    from affinage.train.tasks import train
 
     t0 = time.perf_counter()
     recipe = load_recipe_dict({

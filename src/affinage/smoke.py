@@ -67,7 +67,7 @@ def smoke_recipe(recipe: Recipe, model_folder: Path, steps: int, run_dir: str) -
 def run_smoke(recipe: Recipe, steps: int = 4, run_dir: str | None = None):
     from affinage.recipe.loader import write_resolved
     from affinage.run import RunDir
-    from affinage.train.trainer import train
+    from affinage.train.tasks import train
 
     run = RunDir.create(run_dir or recipe.run_dir().rstrip("/") + "-smoke")
     model_folder = build_smoke_model(recipe, run.root / "tiny-model")

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from affinage.slurm.profiles import CLUSTERS_DIR, ProfileError, format_time, load_profile, parse_time, profile_names
+from affinage.resources import resource_path
+from affinage.slurm.profiles import ProfileError, format_time, load_profile, parse_time, profile_names
 
 
 def test_shipped_profiles_load():
@@ -111,7 +112,7 @@ def test_time_parsing():
 
 
 def local_profile_text() -> str:
-    return (CLUSTERS_DIR / "local.yaml").read_text(encoding="utf-8")
+    return resource_path("clusters", "local").read_text(encoding="utf-8")
 
 
 def test_profile_errors_name_file_and_key(tmp_path):

@@ -11,7 +11,8 @@ from transformers import TrainerCallback
 
 from affinage.recipe.loader import dump_resolved, load_recipe
 from affinage.run import RunDir
-from affinage.train.trainer import STOP_FILE, train
+from affinage.train.tasks import train
+from affinage.train.trainer import STOP_FILE
 
 
 def write_recipe(tmp_path: Path, model_dir: Path, data: Path, *, task="dpo", steps=16, records=64, extra="", pref="") -> Path:

@@ -394,10 +394,9 @@ class PreferenceCache:
 
 
 # ======================================================================================= prepare
-def preference_key_inputs(recipe, tokenizer=None, hasher: Optional[FileHasher] = None) -> dict:
-    from affinage.data.prepare import cache_key_inputs
-
-    inputs = cache_key_inputs(recipe, tokenizer, hasher)
+def preference_key_inputs(recipe, base_inputs: dict) -> dict:
+    """The SFT cache key's inputs (sources, tokenizer, template, data settings) plus the preference settings."""
+    inputs = dict(base_inputs)
     p = recipe.preference
     inputs["preference_format"] = PREFERENCE_FORMAT_VERSION
     inputs["preference"] = {"max_prompt_length": p.prompt_budget(recipe.data.max_length), "truncation": p.truncation,
@@ -405,13 +404,17 @@ def preference_key_inputs(recipe, tokenizer=None, hasher: Optional[FileHasher] =
     return inputs
 
 
-def prepare_preference(recipe, tokenizer=None, *, root=None, progress=None, force: bool = False, **_ignored) -> PreferenceCache:
-    """The recipe's prepared preference data: found in the cache or built (one builder per key)."""
+def prepare_preference(recipe, tokenizer=None, *, key_inputs, root=None, progress=None, force: bool = False) -> PreferenceCache:
+    """The recipe's prepared preference data: found in the cache or built (one builder per key).
+
+    ``key_inputs(recipe, tokenizer, hasher)``: ``affinage.data.prepare.cache_key_inputs`` (passed in by
+    ``prepare``, the one entry point, so that this module does not import it back).
+    """
     t0 = time.perf_counter()
     root = Path(root) if root is not None else cache_root(recipe.data)
     root.mkdir(parents=True, exist_ok=True)
     hasher = FileHasher(root)
-    inputs = preference_key_inputs(recipe, tokenizer, hasher)
+    inputs = preference_key_inputs(recipe, key_inputs(recipe, tokenizer, hasher))
     key = "pref-" + key_of(inputs)
     final = root / key
     if not force and (final / "meta.json").is_file():

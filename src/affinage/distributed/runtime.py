@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from transformers import TrainerCallback
 
 from affinage.distributed.process import current_rss, peak_rss, rank, reset_peak_rss
-
-if TYPE_CHECKING:
-    from affinage.distributed.strategies import DistributedSetup
 
 DIST_DIR = "distributed"  # RUN_DIR/distributed/: rendered config, runtime report
 RUNTIME_FILE = "runtime.json"
@@ -141,7 +138,7 @@ class RuntimeReportCallback(TrainerCallback):
     Tests read it to assert the effect of a strategy, never an exit code.
     """
 
-    def __init__(self, trainer, setup: DistributedSetup):
+    def __init__(self, trainer, setup):  # setup: a strategies.DistributedSetup (strategies imports this module)
         self.trainer = trainer
         self.setup = setup
         self.begin: Optional[dict] = None

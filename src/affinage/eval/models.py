@@ -80,10 +80,6 @@ def resolve_target(target: str | os.PathLike, *, base: Optional[str] = None, com
         run = RunDir(path.resolve())
         recipe = load_recipe(run.recipe)
         t = Target(root=run.root, run=run, recipe=recipe)
-        if recipe.task in ("dpo", "kto"):  # aligned model vs the start of the preference stage
-            from affinage.eval.preference import preference_target
-
-            return preference_target(t, base, compare_base)
         tok_folder = run.final if (run.final / "tokenizer_config.json").is_file() else None
         if (run.merged / "config.json").is_file():
             t.tuned = ModelRef(f"fine-tuned ({run.merged.name}/)", _folder_spec(run.merged))

@@ -110,14 +110,27 @@ class MethodSpec(Strict):
 # ---------------------------------------------------------------------------------------- data
 class SourceSpec(Strict):
     path: str = Field(description="a .jsonl/.json file, a .parquet file, a folder of .txt files, or a datasets.save_to_disk folder")
-    format: Literal["auto", "text", "chat", "alpaca", "preference", "unpaired"] = "auto"
+    format: Literal["auto", "text", "chat", "alpaca", "sharegpt", "preference", "unpaired"] = "auto"
     weight: float = Field(1.0, description="repeat factor: 0.5 keeps half the records, 2 uses them twice")
     name: Optional[str] = None
     text_field: str = "text"
     messages_field: str = "messages"
+    columns: Optional[dict[str, str]] = Field(
+        None, description="the dataset's field names, canonical -> yours: {messages: dialogue, content: text, from: speaker, ...}"
+    )
     max_records: Optional[int] = None
     licence: Optional[str] = Field(None, description="SPDX id or free text, copied into the data manifest and model card")
     origin: Optional[str] = Field(None, description="where the data comes from (URL, repository and commit, ...)")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        from affinage.data.formats import COLUMN_KEYS
+
+        bad = sorted(set(v or {}) - set(COLUMN_KEYS))
+        if bad:
+            raise ValueError(f"columns maps unknown field(s) {bad}; the canonical names are {', '.join(COLUMN_KEYS)}")
+        return v
 
     @field_validator("weight")
     @classmethod
@@ -204,6 +217,9 @@ class DataSpec(Strict):
     )
     num_proc: Optional[int] = Field(None, description="tokenization processes (default: the CPU cores this process may use)")
     filters: FilterSpec = Field(default_factory=FilterSpec)
+    system: Literal["keep", "merge_into_first_user", "drop"] = Field(
+        "keep", description="a conversation's system message: keep, fold into the first user turn (templates that refuse one), or drop"
+    )
     decontamination: Optional[DecontaminationSpec] = None
 
     @field_validator("num_proc")
@@ -406,14 +422,27 @@ class PerplexitySetSpec(Strict):
         "domain", description="domain: the text the training should improve; forgetting: general or other text that should not get much worse"
     )
     max_records: Optional[int] = Field(None, description="score only the first N records")
+    group_field: Optional[str] = Field(
+        None, description="field naming the unit records were cut from (book, source document): the bootstrap "
+        "resamples these groups, since passages of one book are not independent"
+    )
 
 
 class McqSetSpec(Strict):
-    """Multiple-choice items ``{"question", "choices": [...], "answer": index}`` scored by log-likelihood (lm-eval style)."""
+    """Multiple-choice items scored by log-likelihood (lm-eval style).
+
+    An item is ``{"question": str, "choices": [str, ...], "answer": 0}``; the answer may be an index
+    (from 0), a letter (``"B"``) or the text of the right choice, and the three field names can be
+    mapped for sets with other names (``answer_field: answer_index``).
+    """
 
     name: str
     path: str
     role: Literal["domain", "forgetting"] = "domain"
+    question_field: str = "question"
+    choices_field: str = "choices"
+    answer_field: str = Field("answer", description="field of the right answer: an index from 0, a letter A-Z, or the choice's text")
+    group_field: Optional[str] = Field(None, description="field naming the unit items come from; the bootstrap resamples these groups")
     num_fewshot: int = Field(0, ge=0, description="solved examples put before each question")
     fewshot_path: Optional[str] = Field(None, description="items the examples are drawn from (default: the same file, never the item itself)")
     template: str = Field("Question : {question}\nRéponse :", description="prompt; {question} is replaced")

@@ -39,20 +39,6 @@ def steps_for_duration(recipe: Recipe, n_samples: int, mean_tokens: float) -> in
     return max(1, math.ceil(d.value / max(1.0, mean_tokens * gbs)))
 
 
-class SampleDataset(torch.utils.data.Dataset):
-    """Tokenized samples as the dicts the Trainer's collator expects."""
-
-    def __init__(self, samples: Sequence[Any]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
-
-
 @dataclass
 class TrainResult:
     run_dir: str
@@ -144,10 +130,8 @@ def train(
 
     ``callbacks`` are extra ``TrainerCallback`` objects (tests, integrations).
     """
-    if recipe.task in ("dpo", "kto"):  # TRL's preference trainers on the same run directory
-        from affinage.train.preference import train_preference
-
-        return train_preference(recipe, run, resume=resume, world_size=world_size, callbacks=callbacks)
+    if recipe.task in ("dpo", "kto"):
+        raise ValueError(f"task {recipe.task} trains with affinage.train.tasks.train (TRL's preference trainers), not this SFT/CPT glue")
     from transformers.trainer_callback import ProgressCallback
 
     from affinage.data.batches import PackedCollator, PackedDataset
