@@ -8,7 +8,7 @@ import pytest
 
 from affinage.data.errors import DataError
 from affinage.data.preference import Truncation, to_preference, tokenize_completion, tokenize_record
-from affinage.data.templates import IGNORE_INDEX, tokenize_chat
+from affinage.data.templates import tokenize_chat
 from data_helpers import END_MARKER, REAL_TOKENIZERS, TRIMS_CONTENT, needs_shared, real_tokenizer
 
 SYSTEM = "Vous êtes l'agent d'accueil d'une mairie."
@@ -85,11 +85,11 @@ def test_completion_tokens_are_exactly_the_sft_assistant_span(name, multiturn):
         assert tok.decode(c_ids).strip() == expected
         sft = tokenize_chat(tok, prompt + [{"role": "assistant", "content": reply}], max_length=4096)
         assert sft.input_ids[: len(p_ids) + len(c_ids)] == p_ids + c_ids
-        last = [i for i, lab in enumerate(sft.labels) if lab != IGNORE_INDEX]
+        last = [i for i, on in enumerate(sft.loss_mask) if on]
         n_turns = 2 if multiturn else 1
         span = last[-len(c_ids):]
         assert span == list(range(len(p_ids), len(p_ids) + len(c_ids)))  # SFT's loss positions of the last turn
-        assert sum(1 for lab in sft.labels[: len(p_ids)] if lab != IGNORE_INDEX) == (len(last) - len(c_ids)) * (n_turns > 1)
+        assert sum(sft.loss_mask[: len(p_ids)]) == (len(last) - len(c_ids)) * (n_turns > 1)
     a, _ = tokenize_record(tok, {"prompt": prompt, "chosen": GOOD, "rejected": BAD}, Truncation(4096, 2048, "keep_prompt_end"))
     assert a["prompt_ids"] == tokenize_completion(tok, prompt, GOOD)[0]
 

@@ -49,7 +49,7 @@ def losses(run: RunDir) -> list[float]:
 
 
 def test_dpo_loss_decreases_and_heldout_preference_accuracy_rises(tmp_path, pretrained_tiny_dir, demo_data):
-    from affinage.eval.runner import run_eval
+    from affinage.evaluate import evaluate as run_eval  # eval, then report and card (what `affinage eval` runs)
 
     recipe = load_recipe(write_recipe(tmp_path, pretrained_tiny_dir, demo_data / "preferences.jsonl", steps=24))
     run = RunDir.create(recipe.run_dir())

@@ -223,22 +223,23 @@ def as_chat(record: dict) -> dict:
 def tokenize_completion(tokenizer, prompt: list[dict], completion: str, chat_template: Optional[str] = None) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) of ``prompt + [assistant completion]`` rendered by the chat template.
 
-    The completion is the reply's span as SFT masks it (``find_assistant_spans``, offsets → tokens);
-    everything before it is prompt, text after it (a trailing newline) is left out.
+    ``affinage.data.templates.tokenize_chat`` renders and masks the conversation exactly as for SFT;
+    the completion is its last loss-bearing run (the reply and its end-of-turn marker), everything
+    before it is prompt (earlier assistant turns included), text after it (a trailing newline) is
+    left out.
     """
-    from affinage.data.templates import _labels_from_spans, find_assistant_spans
+    from affinage.data.templates import tokenize_chat
 
-    if not getattr(tokenizer, "is_fast", False):
-        raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer: preference data needs offsets from a fast tokenizer")
     messages = list(prompt) + [{"role": "assistant", "content": completion}]
-    text, spans = find_assistant_spans(tokenizer, messages, chat_template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = list(enc["input_ids"])
-    mask = _labels_from_spans(enc["offset_mapping"], [spans[-1]])
-    on = [i for i, m in enumerate(mask) if m]
-    if not on:
+    sample = tokenize_chat(tokenizer, messages, 1 << 40, chat_template)
+    mask = sample.loss_mask
+    end = max((i for i, m in enumerate(mask) if m), default=-1) + 1
+    if end == 0:
         raise DataError("the completion has no token of its own after rendering (empty reply?)")
-    return ids[: on[0]], ids[on[0] : on[-1] + 1]
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return list(sample.input_ids[:start]), list(sample.input_ids[start:end])
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
