@@ -161,3 +161,19 @@ def test_dpo_refuses_unpaired_data(tmp_path, tiny_llama_dir):
     src = _write(tmp_path / "u.jsonl", [{"prompt": Q, "completion": GOOD, "label": True}] * 3)
     with pytest.raises(DataError, match="use task: kto"):
         prepare(_recipe(tmp_path, src), load_tokenizer_folder(tiny_llama_dir))
+
+
+def test_inspect_shows_each_pair_with_only_the_completions_marked(tmp_path, tiny_llama_dir):
+    import io
+
+    from affinage.inspect_data import run_inspect
+
+    src = _write(tmp_path / "prefs.jsonl", [{"prompt": f"{Q} ({i})", "chosen": GOOD, "rejected": BAD} for i in range(4)])
+    recipe = _recipe(tmp_path, src).model_copy(update={"model": _recipe(tmp_path, src).model.model_copy(
+        update={"name_or_path": str(tiny_llama_dir)})})
+    out = io.StringIO()
+    assert run_inspect(recipe, samples=2, out=out, colour=False) == 0
+    text = out.getvalue()
+    assert text.count("── example") == 2 and text.count("·· chosen") == 2 and text.count("·· rejected") == 2
+    assert f"[[{GOOD}<|im_end|>]]" in text and f"[[{BAD}<|im_end|>]]" in text
+    assert "[[<|im_start|>" not in text and f"[[{Q}" not in text  # the prompt never carries loss
