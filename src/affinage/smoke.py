@@ -60,6 +60,10 @@ def smoke_recipe(recipe: Recipe, model_folder: Path, steps: int, run_dir: str) -
         src["max_records"] = min(src.get("max_records") or 64, 64)
         src["weight"] = 1.0
     d["data"]["cache_dir"] = str(Path(run_dir) / "cache")  # a throw-away run keeps its prepared data to itself
+    if d.get("preference") and d["preference"].get("from_run"):  # the tiny model is the start: no SFT run to merge
+        d["preference"].update(from_run=None, start="merged")
+        if d["preference"].get("max_prompt_length") and d["preference"]["max_prompt_length"] >= d["data"]["max_length"]:
+            d["preference"]["max_prompt_length"] = None
     d["output"]["dir"] = run_dir
     return Recipe.model_validate(d)
 
