@@ -65,7 +65,8 @@ def format_summary(result) -> str:
 def cmd_train(args) -> int:
     from affinage.recipe.loader import write_resolved
     from affinage.run import RunDir
-    from affinage.train.trainer import train, world_size_from_env
+    from affinage.train.tasks import train
+    from affinage.train.trainer import world_size_from_env
 
     from affinage.recipe.loader import load_recipe_with_sources
 

@@ -33,7 +33,7 @@ def _template_identity(recipe, hasher: FileHasher) -> Optional[str]:
     from affinage.data.templates import NAMED_TEMPLATES
 
     name = recipe.model.chat_template
-    if not name or recipe.task != "sft":
+    if not name or recipe.task == "cpt":  # sft, dpo and kto render chat templates
         return None
     if name in NAMED_TEMPLATES:
         return "named:" + name + ":" + sha256_text(NAMED_TEMPLATES[name])

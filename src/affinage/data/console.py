@@ -7,6 +7,10 @@ from affinage.data.cache import PreparedCache
 
 def format_prepare_summary(cache: PreparedCache) -> str:
     s = cache.stats
+    if s.get("kind") == "preference":
+        from affinage.data.preference import format_preference_summary
+
+        return format_preference_summary(cache)
     lines = ["", "── affinage prepare " + "─" * 40,
              f"cache           {cache.path}  ({'hit' if cache.hit else 'built'} in {cache.seconds:.2f} s)"]
     for name, src in s["sources"].items():

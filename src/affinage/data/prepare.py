@@ -51,6 +51,10 @@ def prepare(
     ``tokenizer``: used to build on a miss (default: loaded from the recipe); it also keys the
     cache when the recipe's tokenizer folder cannot be found (tests with in-memory tokenizers).
     """
+    if recipe.task in ("dpo", "kto"):  # pairs are not packed: their own cache layout (affinage.data.preference)
+        from affinage.data.preference import prepare_preference
+
+        return prepare_preference(recipe, tokenizer, key_inputs=cache_key_inputs, root=root, progress=progress, force=force)
     t0 = time.perf_counter()
     root = Path(root) if root is not None else cache_root(recipe.data)
     hasher = FileHasher(root if root.is_dir() or _can_create(root) else None)

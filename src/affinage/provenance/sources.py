@@ -160,5 +160,11 @@ def describe_sources(recipe, stats: Optional[dict], hasher: Hasher) -> list[dict
             tr, he = st.get("train") or {}, st.get("heldout") or {}
             entry["tokens"] = {"train": tr.get("tokens"), "train_with_loss": tr.get("loss_tokens"),
                                "heldout": he.get("tokens")}
+            if st.get("kind") == "preference":  # preference pairs (dpo/kto): a kind of data of its own
+                entry["data_kind"] = "preference"
+                entry["records"]["train_weighted"] = tr.get("samples")
+                entry["pairs"] = {"train": tr.get("samples"), "heldout": he.get("samples"),
+                                  "prompt_truncated": tr.get("prompt_truncated"), "completion_truncated": tr.get("completion_truncated"),
+                                  "dropped_too_long": tr.get("dropped_too_long")}
         out.append(entry)
     return out

@@ -61,9 +61,11 @@ class TrainResult:
         return asdict(self)
 
 
-def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None):
+def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None,
+                        args_class=None, extra: dict | None = None):
     """``TrainingArguments`` from the recipe; ``strategy`` (``affinage.distributed.strategies.DistributedSetup``)
-    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``."""
+    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``. ``args_class``/``extra``: a TRL config
+    class (``DPOConfig``, ``KTOConfig``) and its own keywords, for ``affinage.train.preference``."""
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -114,7 +116,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
     )
     if strategy is not None:
         kwargs.update(strategy.training_arguments())  # deepspeed=<dict filled from the recipe> / fsdp_config=...
-    return TrainingArguments(**kwargs)
+    return (args_class or TrainingArguments)(**kwargs, **(extra or {}))
 
 
 def train(
@@ -129,6 +131,8 @@ def train(
 
     ``callbacks`` are extra ``TrainerCallback`` objects (tests, integrations).
     """
+    if recipe.task in ("dpo", "kto"):
+        raise ValueError(f"task {recipe.task} trains with affinage.train.tasks.train (TRL's preference trainers), not this SFT/CPT glue")
     from transformers.trainer_callback import ProgressCallback
 
     from affinage.data.collator import PackedCollator, PackedDataset
