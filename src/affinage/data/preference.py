@@ -41,7 +41,7 @@ from typing import Any, Optional
 import numpy as np
 
 from affinage.data.cache import build_lock, cache_root, key_of, publish
-from affinage.data.dataset import heldout_counts, source_names, weighted_indices
+from affinage.data.mixture import heldout_counts, source_names, weighted_indices
 from affinage.data.errors import DataError, SkipCounter
 from affinage.data.filters import ExactDedup, LengthFilter, NearDedup
 from affinage.data.formats import nfc
