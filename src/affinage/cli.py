@@ -32,6 +32,21 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # per-shard load/save bars; affinage shows its own progress
 
 
+def _at_least(low: int):
+    """argparse type: a whole number >= ``low`` (a clear usage error otherwise, never a traceback later)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    return parse
+
+
 def _load(args, world_size: int | None = None):
     from affinage.recipe.loader import load_recipe
 
@@ -75,14 +90,23 @@ def cmd_train(args) -> int:
         raise _usage_error("--nproc must be at least 1")
     if launched() and args.nproc is not None and args.nproc != world_size_from_env():
         raise _usage_error(f"--nproc {args.nproc} under a launcher that started {world_size_from_env()} processes: drop --nproc")
+    from affinage.runlock import RunLock, check_run_dir, check_run_dir_path
+
     if not launched():
         nproc = args.nproc or 1
         loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=nproc)
         if nproc > 1 or loaded.recipe.distributed.sharded:
+            root = check_run_dir_path(args.run_dir or loaded.recipe.run_dir())
+            check_run_dir(root, loaded.recipe.name)
+            RunLock(root).check_free()
             return _relaunch_train(args, loaded.recipe, nproc)
     loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=world_size_from_env())
     recipe = loaded.recipe
-    run = RunDir.create(args.run_dir or recipe.run_dir())
+    root = check_run_dir_path(args.run_dir or recipe.run_dir())
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run directory, held by rank 0 until it exits
+        check_run_dir(root, recipe.name)
+        args._run_lock = RunLock(root).acquire("train")
+    run = RunDir.create(root)
     same_file = Path(args.recipe).resolve() == run.recipe.resolve()
     if int(os.environ.get("RANK", "0")) == 0 and not (same_file and not args.set):
         write_resolved(loaded, run.recipe)  # keep the submit-time copy when a job trains from it
@@ -119,10 +143,11 @@ def _relaunch_train(args, recipe, nproc: int) -> int:
 
 
 def cmd_plan(args) -> int:
-    from affinage.plan import format_plan, make_plan
+    from affinage.plan import check_fits, format_plan, make_plan
 
     recipe = _load(args, world_size=args.world_size)
     plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
+    check_fits(plan)
     if recipe.distributed.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload"):
         from affinage.distributed.configs import config_path, model_hidden_size, render
 
@@ -144,7 +169,11 @@ def cmd_plan(args) -> int:
 def cmd_smoke(args) -> int:
     from affinage.smoke import run_smoke
 
+    from affinage.runlock import check_run_dir_path
+
     recipe = _load(args)
+    if args.run_dir:
+        check_run_dir_path(args.run_dir)
     result = run_smoke(recipe, steps=args.steps, run_dir=args.run_dir)
     print(format_summary(result))
     return 0 if result.completed else 1
@@ -154,9 +183,12 @@ def cmd_prepare(args) -> int:
     from affinage.data.prepare import format_prepare_summary, prepare
     from affinage.run import RunDir, atomic_write_json
 
+    from affinage.runlock import check_run_dir_path
+
     recipe = _load(args)
+    root = check_run_dir_path(args.run_dir or recipe.run_dir())
     cache = prepare(recipe, num_proc=args.num_proc, force=args.force)
-    run = RunDir.create(args.run_dir or recipe.run_dir())
+    run = RunDir.create(root)
     atomic_write_json(run.data_stats, {**cache.stats, "cache": str(cache.path)})
     print(format_prepare_summary(cache))
     print(f"statistics      {run.data_stats}")
@@ -193,12 +225,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = recipe_cmd("train", "train a recipe here (CPU or one GPU; under torchrun for several)")
     c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
     c.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
-    c.add_argument("--nproc", type=int, help="processes (GPUs) on this machine: re-runs itself under torchrun "
+    c.add_argument("--nproc", type=_at_least(1), help="processes (GPUs) on this machine: re-runs itself under torchrun "
                    "(default 1; fsdp2/zero* recipes always run under torchrun)")
     c.set_defaults(func=cmd_train)
 
     c = recipe_cmd("plan", "check a recipe and print what it will do, without loading weights")
-    c.add_argument("--world-size", type=int, default=1, help="number of GPUs/processes to plan for")
+    c.add_argument("--world-size", type=_at_least(1), default=1, help="number of GPUs/processes to plan for")
     from affinage.distributed.memory import GPU_MEMORY_GIB
 
     c.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB), help="GPU kind: say whether each strategy fits its memory")
@@ -207,12 +239,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_plan)
 
     c = recipe_cmd("smoke", "run the recipe's whole pipeline on CPU with a tiny model of the same architecture")
-    c.add_argument("--steps", type=int, default=4, help="optimizer steps (default 4)")
+    c.add_argument("--steps", type=_at_least(1), default=4, help="optimizer steps (default 4)")
     c.add_argument("--run-dir", help="run directory (default: <recipe run dir>-smoke)")
     c.set_defaults(func=cmd_smoke)
 
     c = recipe_cmd("prepare", "read, filter, tokenize and pack the recipe's data into the cache train reads (CPU, once)")
-    c.add_argument("--num-proc", type=int, help="tokenization processes (default: data.num_proc, else all cores)")
+    c.add_argument("--num-proc", type=_at_least(1), help="tokenization processes (default: data.num_proc, else all cores)")
     c.add_argument("--force", action="store_true", help="rebuild even if the cache already holds this data")
     c.add_argument("--run-dir", help="run directory for data_stats.json (default: the recipe's output.dir)")
     c.set_defaults(func=cmd_prepare)
@@ -236,8 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", help="model to compare with (default: the run's base model)")
     c.add_argument("--no-base", action="store_true", help="evaluate only the fine-tuned model")
     c.add_argument("--out", help="output folder (default: the run directory, or ./eval-<model> for a model folder)")
-    c.add_argument("--limit", type=int, help="only the first N records/items/prompts of each set (quick check)")
-    c.add_argument("--batch-size", type=int)
+    c.add_argument("--limit", type=_at_least(1), help="only the first N records/items/prompts of each set (quick check)")
+    c.add_argument("--batch-size", type=_at_least(1))
     c.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     c.set_defaults(func=cmd_eval)
 
@@ -250,6 +282,15 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_eval(args) -> int:
     from affinage.eval.runner import adhoc_spec, format_results, load_spec_file, run_eval
 
+    import re
+
+    from affinage.errors import UserError
+
+    if not Path(args.target).exists():
+        given = args.spec or args.ppl or args.forgetting or args.mcq or args.prompts
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", args.target) or args.target.startswith(".") or not given:
+            raise UserError(f"{args.target} does not exist: give a run directory (runs/<name>), a model folder, or a "
+                            "model id staged offline (org/name)")
     spec = load_spec_file(args.spec) if args.spec else adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts)
     results = run_eval(args.target, spec=spec, tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
                        compare_base=False if args.no_base else None, out_dir=args.out, limit=args.limit,

@@ -64,6 +64,18 @@ class _Loader(yaml.SafeLoader):
 
     _depth = 0
 
+    def _flow_start(self):
+        if self.flow_level >= MAX_DEPTH:  # checked while scanning: deep [[[[ is quadratic to scan otherwise
+            raise _TooDeep(self.get_mark())
+
+    def fetch_flow_sequence_start(self):
+        self._flow_start()
+        super().fetch_flow_sequence_start()
+
+    def fetch_flow_mapping_start(self):
+        self._flow_start()
+        super().fetch_flow_mapping_start()
+
     def compose_node(self, parent, index):
         self._depth += 1
         try:
