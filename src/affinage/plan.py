@@ -120,7 +120,10 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
 
     from affinage.model.resolve import resolve_model_path
 
+    from affinage.model.check import read_config
+
     path = resolve_model_path(recipe.model.name_or_path, revision=recipe.model.revision, mirrors=recipe.model.mirrors)
+    read_config(path, recipe.model.name_or_path, recipe.model.trust_remote_code)  # weights are not needed to plan
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.model.trust_remote_code)
     model = _meta_model(recipe, config)
     total = sum(p.numel() for p in model.parameters())

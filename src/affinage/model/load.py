@@ -156,7 +156,10 @@ def load_config(spec: ModelSpec, path: Optional[Path] = None):
     """config.json of the recipe's model, with ``use_cache=False`` (training: no KV cache, no leak across packed rows)."""
     from transformers import AutoConfig
 
+    from affinage.model.check import check_model_folder
+
     path = path or resolve_model_path(spec.name_or_path, revision=spec.revision, mirrors=spec.mirrors)
+    check_model_folder(path, name=spec.name_or_path, weights=spec.init == "pretrained", trust_remote_code=spec.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code, local_files_only=True)
     except ValueError as e:

@@ -168,6 +168,9 @@ def train(
         os.environ.setdefault("WANDB_DIR", str(run.root / "logs"))
 
     tokenizer = load_tokenizer(recipe.model)
+    from affinage.model.check import check_recipe_model
+
+    check_recipe_model(recipe, tokenizer)  # a broken model folder stops here, before data preparation
     data = prepare(recipe, tokenizer)  # the prepared-data cache: a hit, or built once (other ranks wait)
     if is_main:
         atomic_write_json(run.data_stats, {**data.stats, "cache": str(data.path)})
