@@ -317,6 +317,16 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         print(f"affinage: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        from affinage.errors import is_disk_full
+
+        if not is_disk_full(e):
+            raise
+        where = getattr(e, "filename", None)
+        print(f"affinage: error: no space left on device{f' writing {where}' if where else ''}: free space (or "
+              "point data.cache_dir / --run-dir at a larger file system) and rerun; what was complete is kept, "
+              "half-written temporary files are removed at the next start", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("affinage: interrupted", file=sys.stderr)
         return 130

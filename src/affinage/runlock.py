@@ -72,7 +72,8 @@ def check_run_dir(root: str | os.PathLike, recipe_name: str) -> None:
     ckpts = root / "checkpoints"
     if ckpts.is_dir():
         foreign += [f"checkpoints/{p.name}" for p in sorted(ckpts.iterdir())
-                    if not (p.is_dir() and p.name.startswith("checkpoint-") and p.name[11:].isdigit())]
+                    if not (p.is_dir() and p.name.removeprefix("corrupt-").startswith("checkpoint-")
+                            and p.name.removeprefix("corrupt-")[11:].isdigit())]
     if foreign:
         shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
         raise RunDirError(f"run directory {root} holds files affinage did not write ({shown}); affinage cleans "
