@@ -72,6 +72,32 @@ def read_config(folder: Path, name: Optional[str] = None, trust_remote_code: boo
     return config
 
 
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def check_tokenizer_files(folder: Path, name: Optional[str] = None) -> None:
+    """The tokenizer's JSON files, when present, are readable JSON objects."""
+    for file in TOKENIZER_JSON_FILES:
+        path = Path(folder) / file
+        if not path.is_file():
+            continue
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except UnicodeError:
+            raise _fail(Path(folder), file, "not text (binary or garbage content)", name) from None
+        except json.JSONDecodeError as e:
+            raise _fail(Path(folder), f"{file}:{e.lineno}", f"not valid JSON ({e.msg}, column {e.colno})", name) from None
+        if not isinstance(data, dict):
+            raise _fail(Path(folder), file, f"holds a {type(data).__name__}, not a JSON object", name)
+
+
+def tokenizer_load_error(folder: Path, exc: BaseException, name: Optional[str] = None) -> ModelFolderError:
+    """What transformers/tokenizers raised on a folder whose files parse but do not make a tokenizer."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    return ModelFolderError(f"model folder {folder}: the tokenizer files cannot be loaded ({type(exc).__name__}: {first}). "
+                            + _restage(Path(folder), name))
+
+
 def _check_safetensors(folder: Path, file: Path, name: Optional[str]) -> None:
     rel = file.name
     size = file.stat().st_size

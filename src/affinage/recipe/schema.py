@@ -671,6 +671,13 @@ class Recipe(Strict):
                 "data.packing: concat with task: sft — concatenation cuts conversations at row boundaries; "
                 "use packing: bfd (whole samples, no attention between them) or none"
             )
+        if self.task == "sft":
+            for i, s in enumerate(self.data.sources):
+                if s.format == "text":
+                    raise ValueError(
+                        f"data.sources[{i}].format: text with task: sft — supervised fine-tuning learns assistant replies "
+                        "from chat or alpaca records; use format: chat/alpaca, or task: cpt for raw text"
+                    )
         if self.task == "cpt":
             for i, s in enumerate(self.data.sources):
                 if s.format in ("chat", "alpaca"):
