@@ -30,7 +30,7 @@ LOCK_NAME = ".affinage.lock"
 KNOWN_ENTRIES = frozenset({
     "recipe.yaml", "data_stats.json", "metrics.jsonl", "logs", "checkpoints", "final", "final.tmp", "merged",
     "summary.json", "provenance.json", "ai_act_summary.md", "report.md", "eval", "slurm", "STOP", LOCK_NAME,
-    "tiny-model", "cache", "runs",
+    "tiny-model", "cache", "distributed",  # distributed/: affinage.distributed.strategies.DIST_DIR
 })
 
 
@@ -84,7 +84,7 @@ def check_run_dir(root: str | os.PathLike, recipe_name: str) -> None:
     if recipe.is_file():
         found = _recipe_name(recipe)
         if found != recipe_name:
-            what = f"a run of recipe {found!r}" if found else f"a recipe.yaml affinage cannot read"
+            what = f"a run of recipe {found!r}" if found else "a recipe.yaml affinage cannot read"
             raise RunDirError(f"run directory {root} holds {what}, not of {recipe_name!r}; it is never cleaned, "
                               "with or without --fresh. Give another --run-dir (or output.dir), or remove that run yourself")
     elif touches:

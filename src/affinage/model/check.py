@@ -28,7 +28,7 @@ def _restage(folder: Path, name: Optional[str]) -> str:
     from affinage.model.resolve import staging_hint
 
     who = name if name and "/" in name and not name.startswith((".", "/", "$", "~")) else "ORG/NAME"
-    return (f"The folder is damaged or incomplete (a broken download or copy?): stage it again. "
+    return ("The folder is damaged or incomplete (a broken download or copy?): stage it again. "
             + staging_hint(who).replace("To stage it for offline use", "To stage it again"))
 
 
