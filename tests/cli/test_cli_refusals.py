@@ -51,7 +51,7 @@ def test_status_and_eval_on_what_is_not_a_run(capsys, tmp_path):
     code, err = _run(capsys, "status", str(tmp_path))
     assert code == 2 and "was not submitted" in err
     code, err = _run(capsys, "eval", str(tmp_path / "absent-run"))
-    assert code == 2 and "absent-run does not exist" in err and "eval:" not in err
+    assert code == 2 and "absent-run: no such run directory" in err and "eval:" not in err
 
 
 def test_plan_refuses_what_cannot_fit(capsys):
