@@ -152,6 +152,8 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"
     if recipe.model.dtype == "auto":
         notes.append("dtype auto: bfloat16 assumed on GPU (float32 on CPU)")
+    if recipe.training.keep_checkpoints < 2 and recipe.training.save_every:
+        notes.append("training.keep_checkpoints 1: a corrupt newest checkpoint has no previous one to fall back to (keep 2)")
     quant = recipe.method.kind == "qlora"
     hidden = getattr(config, "hidden_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
