@@ -702,11 +702,12 @@ def run_disk_full(w: Path, ref: Path) -> list[Scenario]:
             if r == "clear" and not same_weights(ref / "final", run / "final"):
                 r = "mismatch"
         rows.append(Scenario("full disk", "checkpoint write on a 30 MiB tmpfs", r,
-                             f"clear error; complete checkpoints kept {kept}; after freeing space the rerun resumed, equal weights"))
+                             f"clear error; complete checkpoints kept {kept}; after freeing space the rerun resumed, equal weights"
+                             if r == "clear" else (o.err + o.out)[-600:]))
     finally:
         subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
     cmnt = w / "tmpfs-cache"
-    if _mount(cmnt, "1m"):
+    if _mount(cmnt, "128k"):  # the demo's cache is about 260 KiB
         try:
             env = {"AFFINAGE_CACHE": str(cmnt)}
             prep = ["prepare", str(DEMO / "full" / "cpt.yaml"), "--set", "data.num_proc=1", "--run-dir", str(w / "prep-run")]
@@ -718,7 +719,7 @@ def run_disk_full(w: Path, ref: Path) -> list[Scenario]:
             if r == "clear":
                 subprocess.run(["mount", "-o", "remount,size=100m", str(cmnt)], check=True)
                 r = _judge(run_forked(prep, w, 300, env), must_fail=False)
-            rows.append(Scenario("full disk", "cache write on a 1 MiB tmpfs", r, "clear error, no half-written cache, rerun builds"))
+            rows.append(Scenario("full disk", "cache write on a 128 KiB tmpfs", r, "clear error, no half-written cache, rerun builds"))
         finally:
             subprocess.run(["umount", "-l", str(cmnt)], capture_output=True)
     return rows

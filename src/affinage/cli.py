@@ -359,7 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from affinage.errors import is_disk_full
 
-        if not is_disk_full(e):
+        from affinage.data.cache import cache_root
+
+        places = [os.environ.get("AFFINAGE_CACHE"), getattr(args, "run_dir", None)]
+        try:
+            places.append(cache_root())
+        except Exception:
+            pass
+        if not is_disk_full(e, *[p for p in places if p and Path(p).exists()]):
             raise
         where = getattr(e, "filename", None)
         print(f"affinage: error: no space left on device{f' writing {where}' if where else ''}: free space (or "

@@ -14,20 +14,30 @@ class DiskFullError(UserError, OSError):
     """No space left (or quota exceeded) while writing: say where, what survived and how to go on."""
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException, *paths) -> bool:
     """Whether ``exc`` (or what caused it) is a full disk or an exceeded quota.
 
-    torch.save and safetensors wrap the OS error in their own RuntimeError, keeping only its text.
+    torch.save and safetensors wrap the OS error in their own RuntimeError, sometimes without its
+    text ("iostream error", "unexpected pos"): then a file system in ``paths`` with (almost) no free
+    space left is taken as the cause.
     """
     import errno
+    import shutil
 
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+    seen, cur = 0, exc
+    while cur is not None and seen < 10:
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
-        text = str(exc)
+        text = str(cur)
         if "No space left on device" in text or "Disk quota exceeded" in text or "os error 28" in text:
             return True
-        exc = exc.__cause__ or exc.__context__
+        cur = cur.__cause__ or cur.__context__
         seen += 1
+    if isinstance(exc, (OSError, RuntimeError)):
+        for path in paths:
+            try:
+                if path is not None and shutil.disk_usage(path).free < (4 << 20):
+                    return True
+            except OSError:
+                continue
     return False

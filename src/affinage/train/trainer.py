@@ -227,7 +227,7 @@ def train(
     except Exception as e:
         from affinage.errors import DiskFullError, is_disk_full
 
-        if not is_disk_full(e):
+        if not is_disk_full(e, run.root):
             raise
         kept = ckpt.newest_complete_checkpoint(run.checkpoints)
         raise DiskFullError(
