@@ -32,6 +32,21 @@ def _quiet_libraries() -> None:
     hf_logging.disable_progress_bar()  # per-shard load/save bars; affinage shows its own progress
 
 
+def _at_least(low: int):
+    """argparse type: a whole number >= ``low`` (a clear usage error otherwise, never a traceback later)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low} (got {value})")
+        return value
+
+    return parse
+
+
 def _load(args, world_size: int | None = None):
     from affinage.recipe.loader import load_recipe
 
@@ -76,14 +91,23 @@ def cmd_train(args) -> int:
         raise _usage_error("--nproc must be at least 1")
     if launched() and args.nproc is not None and args.nproc != world_size_from_env():
         raise _usage_error(f"--nproc {args.nproc} under a launcher that started {world_size_from_env()} processes: drop --nproc")
+    from affinage.runlock import RunLock, check_run_dir, check_run_dir_path
+
     if not launched():
         nproc = args.nproc or 1
         loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=nproc)
         if nproc > 1 or loaded.recipe.distributed.sharded:
+            root = check_run_dir_path(args.run_dir or loaded.recipe.run_dir())
+            check_run_dir(root, loaded.recipe.name)
+            RunLock(root).check_free()
             return _relaunch_train(args, loaded.recipe, nproc)
     loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=world_size_from_env())
     recipe = loaded.recipe
-    run = RunDir.create(args.run_dir or recipe.run_dir())
+    root = check_run_dir_path(args.run_dir or recipe.run_dir())
+    if int(os.environ.get("RANK", "0")) == 0:  # one lock per run directory, held by rank 0 until it exits
+        check_run_dir(root, recipe.name)
+        args._run_lock = RunLock(root).acquire("train")
+    run = RunDir.create(root)
     same_file = Path(args.recipe).resolve() == run.recipe.resolve()
     if int(os.environ.get("RANK", "0")) == 0 and not (same_file and not args.set):
         write_resolved(loaded, run.recipe)  # keep the submit-time copy when a job trains from it
@@ -120,10 +144,11 @@ def _relaunch_train(args, recipe, nproc: int) -> int:
 
 
 def cmd_plan(args) -> int:
-    from affinage.plan import format_plan, make_plan
+    from affinage.plan import check_fits, format_plan, make_plan
 
     recipe = _load(args, world_size=args.world_size)
     plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
+    check_fits(plan)
     if recipe.distributed.sharded:
         from affinage.distributed.configs import config_path, model_hidden_size, render
 
@@ -145,7 +170,11 @@ def cmd_plan(args) -> int:
 def cmd_smoke(args) -> int:
     from affinage.smoke import run_smoke
 
+    from affinage.runlock import check_run_dir_path
+
     recipe = _load(args)
+    if args.run_dir:
+        check_run_dir_path(args.run_dir)
     result = run_smoke(recipe, steps=args.steps, run_dir=args.run_dir)
     print(format_summary(result))
     return 0 if result.completed else 1
@@ -156,9 +185,12 @@ def cmd_prepare(args) -> int:
     from affinage.data.prepare import prepare
     from affinage.run import RunDir, atomic_write_json
 
+    from affinage.runlock import check_run_dir_path
+
     recipe = _load(args)
+    root = check_run_dir_path(args.run_dir or recipe.run_dir())
     cache = prepare(recipe, num_proc=args.num_proc, force=args.force)
-    run = RunDir.create(args.run_dir or recipe.run_dir())
+    run = RunDir.create(root)
     atomic_write_json(run.data_stats, {**cache.stats, "cache": str(cache.path)})
     print(format_prepare_summary(cache))
     print(f"statistics      {run.data_stats}")
@@ -201,12 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = recipe_cmd("train", "train a recipe here (CPU or one GPU; under torchrun for several)")
     c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
     c.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
-    c.add_argument("--nproc", type=int, help="processes (GPUs) on this machine: re-runs itself under torchrun "
+    c.add_argument("--nproc", type=_at_least(1), help="processes (GPUs) on this machine: re-runs itself under torchrun "
                    "(default 1; fsdp2/zero* recipes always run under torchrun)")
     c.set_defaults(func=cmd_train)
 
     c = recipe_cmd("plan", "check a recipe and print what it will do, without loading weights")
-    c.add_argument("--world-size", type=int, default=1, help="number of GPUs/processes to plan for")
+    c.add_argument("--world-size", type=_at_least(1), default=1, help="number of GPUs/processes to plan for")
     from affinage.distributed.memory import GPU_MEMORY_GIB
 
     c.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB), help="GPU kind: say whether each strategy fits its memory")
@@ -215,18 +247,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_plan)
 
     c = recipe_cmd("smoke", "run the recipe's whole pipeline on CPU with a tiny model of the same architecture")
-    c.add_argument("--steps", type=int, default=4, help="optimizer steps (default 4)")
+    c.add_argument("--steps", type=_at_least(1), default=4, help="optimizer steps (default 4)")
     c.add_argument("--run-dir", help="run directory (default: <recipe run dir>-smoke)")
     c.set_defaults(func=cmd_smoke)
 
     c = recipe_cmd("prepare", "read, filter, tokenize and pack the recipe's data into the cache train reads (CPU, once)")
-    c.add_argument("--num-proc", type=int, help="tokenization processes (default: data.num_proc, else all cores)")
+    c.add_argument("--num-proc", type=_at_least(1), help="tokenization processes (default: data.num_proc, else all cores)")
     c.add_argument("--force", action="store_true", help="rebuild even if the cache already holds this data")
     c.add_argument("--run-dir", help="run directory for data_stats.json (default: the recipe's output.dir)")
     c.set_defaults(func=cmd_prepare)
 
     c = recipe_cmd("inspect", "show what the model is trained on: samples of the prepared data with loss-bearing text marked")
-    c.add_argument("--samples", type=int, default=3, help="how many samples (default 3)")
+    c.add_argument("--samples", type=_at_least(1), default=3, help="how many samples (default 3)")
     c.add_argument("--json", action="store_true", help="one JSON object per sample: segments [{text, loss}] covering it")
     c.add_argument("--split", choices=["train", "heldout"], default="train")
     c.set_defaults(func=cmd_inspect)
@@ -255,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--base", help="model to compare with (default: the run's base model)")
     c.add_argument("--no-base", action="store_true", help="evaluate only the fine-tuned model")
     c.add_argument("--out", help="output folder (default: the run directory, or ./eval-<model> for a model folder)")
-    c.add_argument("--limit", type=int, help="only the first N records/items/prompts of each set (quick check)")
-    c.add_argument("--batch-size", type=int)
+    c.add_argument("--limit", type=_at_least(1), help="only the first N records/items/prompts of each set (quick check)")
+    c.add_argument("--batch-size", type=_at_least(1))
     c.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda when available)")
     c.set_defaults(func=cmd_eval)
 
@@ -325,6 +357,23 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except UserError as e:
         print(f"affinage: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        from affinage.errors import is_disk_full
+
+        from affinage.data.cache import cache_root
+
+        places = [os.environ.get("AFFINAGE_CACHE"), getattr(args, "run_dir", None)]
+        try:
+            places.append(cache_root())
+        except Exception:
+            pass
+        if not is_disk_full(e, *[p for p in places if p and Path(p).exists()]):
+            raise
+        where = getattr(e, "filename", None)
+        print(f"affinage: error: no space left on device{f' writing {where}' if where else ''}: free space (or "
+              "point data.cache_dir / --run-dir at a larger file system) and rerun; what was complete is kept, "
+              "half-written temporary files are removed at the next start", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("affinage: interrupted", file=sys.stderr)

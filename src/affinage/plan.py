@@ -121,7 +121,10 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
 
     from affinage.model.resolve import resolve_model_path
 
+    from affinage.model.check import read_config
+
     path = resolve_model_path(recipe.model.name_or_path, revision=recipe.model.revision, mirrors=recipe.model.mirrors)
+    read_config(path, recipe.model.name_or_path, recipe.model.trust_remote_code)  # weights are not needed to plan
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.model.trust_remote_code)
     model = _meta_model(recipe, config)
     total, trainable = count_parameters(model)
@@ -149,6 +152,8 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"
     if recipe.model.dtype == "auto":
         notes.append("dtype auto: bfloat16 assumed on GPU (float32 on CPU)")
+    if recipe.training.keep_checkpoints < 2 and recipe.training.save_every:
+        notes.append("training.keep_checkpoints 1: a corrupt newest checkpoint has no previous one to fall back to (keep 2)")
     quant = recipe.method.kind == "qlora"
     hidden = getattr(config, "hidden_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
@@ -223,6 +228,34 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         memory_full_finetune=full_ft,
         gpu=gpu,
     )
+
+
+# A global batch of tokens past this is beyond any cluster's step (Llama 3 pre-training used 16M).
+MAX_TOKENS_PER_STEP = 1 << 28
+
+
+def check_fits(plan: Plan) -> None:
+    """Refuse, with the reason and what would work, a run the plan can already see will not fit."""
+    from affinage.distributed.memory import GPU_MEMORY_GIB
+    from affinage.errors import UserError
+
+    r = plan.recipe
+    if plan.tokens_per_step > MAX_TOKENS_PER_STEP:
+        raise UserError(f"{plan.tokens_per_step:,} tokens per optimizer step (training.global_batch_size "
+                        f"{r.training.global_batch_size} × data.max_length {r.data.max_length}) is beyond any run "
+                        f"(at most {MAX_TOKENS_PER_STEP:,}; fine-tunes use 0.1M–4M): lower one of them")
+    chosen = r.distributed.strategy if r.distributed.strategy in plan.memory_by_strategy else "ddp"
+    kinds = [plan.gpu] if plan.gpu else [max(GPU_MEMORY_GIB, key=GPU_MEMORY_GIB.get)]
+    for kind in kinds:
+        verdict, share = plan.memory.fit(kind)
+        if verdict != "does not fit":
+            continue
+        fitting = [n for n, m in plan.memory_by_strategy.items() if m.fit(kind)[0] != "does not fit"]
+        where = f"a {kind} GPU ({GPU_MEMORY_GIB[kind]} GiB)" if plan.gpu else f"any GPU affinage knows (largest: {kind}, {GPU_MEMORY_GIB[kind]} GiB)"
+        fix = (f"strategies that fit on {plan.world_size} process(es): {', '.join(fitting)} (distributed.strategy)" if fitting
+               else "lower data.max_length or micro_batch_size, turn on training.gradient_checkpointing, use LoRA/QLoRA or more GPUs (--world-size)")
+        raise UserError(f"the run needs ≈ {human_bytes(plan.memory.total)} per GPU with {chosen} ({100 * share:.0f}% of {where}): "
+                        f"it will not fit; {fix}")
 
 
 def _count(n: int) -> str:

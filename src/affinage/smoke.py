@@ -23,7 +23,10 @@ def build_smoke_model(recipe: Recipe, folder: Path) -> Path:
     from affinage.model.resolve import resolve_model_path
     from affinage.model.tiny import tiny_config
 
+    from affinage.model.check import read_config
+
     source = resolve_model_path(recipe.model.name_or_path, revision=recipe.model.revision, mirrors=recipe.model.mirrors)
+    read_config(source, recipe.model.name_or_path, recipe.model.trust_remote_code)  # config and tokenizer only, no weights
     config = AutoConfig.from_pretrained(str(source), trust_remote_code=recipe.model.trust_remote_code)
     tokenizer = load_tokenizer(recipe.model)
     small = tiny_config(config, vocab_size=len(tokenizer))

@@ -196,8 +196,8 @@ def test_overrides(tmp_path: Path):
 
 
 def test_override_replaces_list(tmp_path: Path):
-    recipe = load_recipe(write(tmp_path / "r.yaml", MINIMAL), ["data.sources=[{path: a.txt, format: text}]"])
-    assert [(s.path, s.format) for s in recipe.data.sources] == [(str(Path.cwd() / "a.txt"), "text")]
+    recipe = load_recipe(write(tmp_path / "r.yaml", MINIMAL), ["data.sources=[{path: a.txt, format: alpaca}]"])
+    assert [(s.path, s.format) for s in recipe.data.sources] == [(str(Path.cwd() / "a.txt"), "alpaca")]
 
 
 @pytest.mark.parametrize("override, says", [

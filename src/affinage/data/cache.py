@@ -19,6 +19,12 @@ The key is a sha256 over: the data-format version, each source file's content ha
 remembered by path, size and mtime so an unchanged recipe hashes nothing), the tokenizer's files, the
 chat template, the task, seed, max_length, packing, filters, decontamination files, held-out and
 weight settings. Any change gives a new key, hence a new folder; old folders stay until removed.
+
+Integrity: :func:`publish` records every file's size and checksum in ``INTEGRITY.json``
+(``affinage.integrity``); :meth:`PreparedCache.open` verifies them on every hit, so flipped or zeroed
+bytes in token ids, loss masks or row boundaries are never trained on: a corrupt folder is removed
+with a message and the next run rebuilds it. Temporary folders left by a killed ``prepare`` are removed
+by the next builder (they are recognised by a free build lock).
 """
 
 from __future__ import annotations
@@ -41,6 +47,11 @@ from affinage.paths import expand
 
 DATA_FORMAT_VERSION = 1
 ARRAYS = {"input_ids": np.uint32, "loss_mask": np.uint8, "seq_offsets": np.int64, "row_seq": np.int64}
+INTEGRITY = "INTEGRITY.json"
+
+
+class CorruptCacheError(DataError):
+    """A prepared-data folder whose files no longer match what was written."""
 
 
 # ------------------------------------------------------------------------------------ location
@@ -89,13 +100,78 @@ def build_lock(root: Path, key: str, timeout: float = 6 * 3600) -> Iterator[None
                     time.sleep(0.5)
         except ImportError:  # no fcntl (Windows): rely on the atomic rename alone
             pass
+        import socket
+
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
+        fh.flush()
+        remove_orphans(root, own_key=key)
         yield
     finally:
         fh.close()
 
 
+def remove_orphans(root: Path, own_key: Optional[str] = None, stale_after: float = 6 * 3600) -> list[Path]:
+    """Delete temporary build folders (``.<key>.<random>/``) whose key nobody is building (a killed prepare's).
+
+    ``own_key``'s are orphans for sure (its lock is held by the caller). Another key's folder goes when its
+    lock is free and it was left by this host, or is older than ``stale_after`` seconds (another host's
+    lock may not be visible here on every network file system).
+    """
+    import socket
+
+    removed = []
+    try:
+        import fcntl
+    except ImportError:
+        return removed
+    for tmp in root.glob(".*.*"):
+        key = tmp.name[1:].split(".", 1)[0]
+        if not tmp.is_dir() or len(key) != 32:
+            continue
+        if key == own_key:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            continue
+        lock = root / f".{key}.lock"
+        try:
+            info = json.loads(lock.read_text(encoding="utf-8") or "{}")
+        except (OSError, ValueError):
+            info = {}
+        try:
+            old = time.time() - tmp.stat().st_mtime > stale_after
+        except OSError:
+            continue
+        if not (old or info.get("host") == socket.gethostname()):
+            continue
+        try:
+            fh = open(lock, "a+")
+        except OSError:
+            continue
+        try:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # being built now (by us or by another process)
+            # free lock: only a dead builder can have left this folder; we hold the lock, so none starts now
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+                removed.append(tmp)
+        finally:
+            fh.close()
+    return removed
+
+
 def publish(tmp: Path, final: Path) -> Path:
-    """Rename a finished temporary folder into place; if another process won the race, keep theirs."""
+    """Rename a finished temporary folder into place; if another process won the race, keep theirs.
+
+    Every file's size and checksum go into ``INTEGRITY.json`` first, for :meth:`PreparedCache.open` to verify.
+    """
+    from affinage import integrity
+    from affinage.run import atomic_write_json
+
+    atomic_write_json(tmp / INTEGRITY, integrity.manifest(tmp, exclude=(INTEGRITY,)))
     try:
         os.replace(tmp, final)
     except OSError:
@@ -168,6 +244,9 @@ class PreparedCache:
     @classmethod
     def open(cls, path: Path, hit: bool = False, seconds: float = 0.0) -> "PreparedCache":
         path = Path(path)
+        t0 = time.perf_counter()
+        verify_cache(path)
+        seconds += time.perf_counter() - t0
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         if meta.get("format_version") != DATA_FORMAT_VERSION:
             raise DataError(f"{path}: data cache format {meta.get('format_version')} is not {DATA_FORMAT_VERSION}; delete it")
@@ -176,3 +255,31 @@ class PreparedCache:
         if heldout is not None and len(heldout) == 0:
             heldout = None
         return cls(path=path, key=meta["key"], meta=meta, stats=stats, train=PackedSplit(path / "train"), heldout=heldout, hit=hit, seconds=seconds)
+
+
+def verify_cache(path: Path) -> None:
+    """Check a cache folder against its ``INTEGRITY.json``; a corrupt one is removed (the next run rebuilds it).
+
+    Folders written before integrity records existed are trusted as they are.
+    """
+    from affinage import integrity
+
+    record_path = path / INTEGRITY
+    if not record_path.is_file():
+        return
+    try:
+        record = json.loads(record_path.read_text(encoding="utf-8"))
+        why = integrity.verify(path, record)
+    except (OSError, ValueError) as e:
+        why = f"{INTEGRITY} is unreadable ({e})"
+    if why is None:
+        return
+    aside = path.with_name(f".{path.name}.corrupt")  # renamed first: no other reader opens it meanwhile
+    try:
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
+        done = "it was removed: rerun the same command to rebuild it"
+    except OSError:
+        done = f"remove it (rm -r {path}) or rerun affinage prepare with --force"
+    raise CorruptCacheError(f"the prepared-data cache {path} is corrupt: {why}; {done}", where=str(path), reason="corrupt cache")

@@ -216,6 +216,10 @@ def _messages(data: dict, field: str, where: str) -> list[dict[str, Any]]:
         )
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(f"{where}: no assistant turn, so nothing to train on", where=where, reason="no assistant turn")
+    if out[-1]["role"] != "assistant":  # its trailing turn would be dropped without a word
+        raise DataError(f"{where}: the conversation ends on a {out[-1]['role']} turn with no reply to learn from; end it "
+                        "with the assistant's reply or remove that turn (data.on_bad_record: skip counts and skips such "
+                        "records)", where=where, reason="ends without an assistant reply")
     return out
 
 

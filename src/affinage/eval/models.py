@@ -170,6 +170,9 @@ def load(ref: ModelRef, *, device: str, reuse_base: Any = None) -> Loaded:
             model = build_random_model(load_config(spec, path), ref.seed, dtype, attn_implementation=attn,
                                        trust_remote_code=spec.trust_remote_code)
         else:
+            from affinage.model.check import check_model_folder
+
+            check_model_folder(path, name=spec.name_or_path, trust_remote_code=spec.trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, attn_implementation=attn, trust_remote_code=spec.trust_remote_code,
                 local_files_only=True,

@@ -16,7 +16,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from affinage.model.errors import ModelLoadError
+from affinage.model.errors import ModelError, ModelLoadError
 from affinage.model.resolve import resolve_model_path
 from affinage.recipe.schema import ModelSpec, Recipe
 
@@ -44,9 +44,21 @@ def load_tokenizer_folder(path: str | Path, *, trust_remote_code: bool = False):
     whose normalizer or pre-tokenizer the chosen class changed, the folder's own file wins
     (``PreTrainedTokenizerFast``). Folders that declare the generic class load with it directly.
     """
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from affinage.model.check import check_tokenizer_files, tokenizer_load_error
 
     path = Path(path)
+    check_tokenizer_files(path)
+    try:
+        return _load_tokenizer_folder(path, trust_remote_code)
+    except (ModelError, ImportError):
+        raise
+    except Exception as e:  # the files parse as JSON but are not a tokenizer (damaged, or from another library)
+        raise tokenizer_load_error(path, e) from e
+
+
+def _load_tokenizer_folder(path: Path, trust_remote_code: bool):
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
     declared = None
     tc_file = path / "tokenizer_config.json"
     if tc_file.is_file():
@@ -156,7 +168,10 @@ def load_config(spec: ModelSpec, path: Optional[Path] = None):
     """config.json of the recipe's model, with ``use_cache=False`` (training: no KV cache, no leak across packed rows)."""
     from transformers import AutoConfig
 
+    from affinage.model.check import check_model_folder
+
     path = path or resolve_model_path(spec.name_or_path, revision=spec.revision, mirrors=spec.mirrors)
+    check_model_folder(path, name=spec.name_or_path, weights=spec.init == "pretrained", trust_remote_code=spec.trust_remote_code)
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=spec.trust_remote_code, local_files_only=True)
     except ValueError as e:

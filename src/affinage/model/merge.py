@@ -149,6 +149,9 @@ def merge_adapter(
         config = load_config(spec, base_path)
         model = build_random_model(config, seed, torch_dtype, attn_implementation=attn, trust_remote_code=spec.trust_remote_code)
     else:
+        from affinage.model.check import check_model_folder
+
+        check_model_folder(base_path, name=spec.name_or_path, trust_remote_code=spec.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
             str(base_path), dtype=torch_dtype, attn_implementation=attn,
             trust_remote_code=spec.trust_remote_code, local_files_only=True,

@@ -44,8 +44,43 @@ from affinage.recipe.schema import Recipe
 _EXP_FLOAT = re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 
 
+# Limits of what a recipe may be (a recipe is a few hundred lines): past them the file is refused at
+# once instead of hanging ("billion laughs": nested aliases expand exponentially) or recursing out.
+MAX_RECIPE_BYTES = 1 << 20  # 1 MiB
+MAX_DEPTH = 64  # nesting of mappings/lists
+MAX_NODES = 100_000  # values after every alias is expanded
+
+
+class _TooDeep(Exception):
+    def __init__(self, mark):
+        self.mark = mark
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads ``1e-4`` as a float."""
+    """SafeLoader that also reads ``1e-4`` as a float, and refuses nesting deeper than MAX_DEPTH."""
+
+    _depth = 0
+
+    def _flow_start(self):
+        if self.flow_level >= MAX_DEPTH:  # checked while scanning: deep [[[[ is quadratic to scan otherwise
+            raise _TooDeep(self.get_mark())
+
+    def fetch_flow_sequence_start(self):
+        self._flow_start()
+        super().fetch_flow_sequence_start()
+
+    def fetch_flow_mapping_start(self):
+        self._flow_start()
+        super().fetch_flow_mapping_start()
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 class _Dumper(yaml.SafeDumper):
@@ -122,14 +157,25 @@ class _Doc:
 def _parse(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
     """Read one YAML file into a mapping and the line of every key path in it."""
     try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise RecipeError([Problem(Origin(path), "", f"the file is {size:,} bytes; a recipe is at most {MAX_RECIPE_BYTES:,} "
+                                       "bytes (is this really a recipe? data belongs in data.sources files)")])
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeError) as e:
         raise RecipeError([Problem(Origin(path), "", f"cannot read the file: {e}")]) from None
     loader = _Loader(text)
     try:
-        root = loader.get_single_node()
+        try:
+            root = loader.get_single_node()
+        except _TooDeep as e:
+            raise RecipeError([Problem(Origin(path, e.mark.line + 1), "", f"mappings and lists nested more than {MAX_DEPTH} "
+                                       "levels deep: a recipe needs a handful; flatten it")]) from None
+        except RecursionError:
+            raise RecipeError([Problem(Origin(path, 1), "", "the YAML is nested too deeply to read: flatten it")]) from None
         origins: dict[KeyPath, Origin] = {}
         if root is not None:
+            _check_expansion(root, path)
             origins[()] = Origin(path, root.start_mark.line + 1)
             _record_lines(loader, root, (), path, origins)
         data = loader.construct_document(root) if root is not None else None
@@ -146,6 +192,39 @@ def _parse(path: Path) -> tuple[dict, dict[KeyPath, Origin]]:
     if not isinstance(data, dict):
         raise RecipeError([Problem(origins[()], "", f"the top level must be a mapping of keys (name:, task:, model:, ...), not a {type(data).__name__}")])
     return data, origins
+
+
+def _check_expansion(root: yaml.Node, file: Path) -> None:
+    """Refuse self-referencing aliases and aliases that expand past MAX_NODES values, before expanding anything.
+
+    Counts the expanded tree on the node graph with a memo (linear in the file), so a "billion laughs"
+    file is refused in milliseconds; an anchor used inside itself would otherwise recurse forever.
+    """
+    sizes: dict[int, int] = {}
+    active: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in active:
+            raise RecipeError([Problem(Origin(file, node.start_mark.line + 1), "",
+                                       "an alias refers to the mapping or list that contains it (a loop): remove the alias")])
+        if isinstance(node, yaml.ScalarNode):
+            return 1
+        active.add(id(node))
+        children = node.value if isinstance(node, yaml.SequenceNode) else [n for pair in node.value for n in pair]
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > MAX_NODES:
+                raise RecipeError([Problem(Origin(file, node.start_mark.line + 1), "",
+                                           f"aliases (*name) here expand to more than {MAX_NODES:,} values: a recipe holds a few "
+                                           "hundred; write the values out or use fewer nested aliases")])
+        active.discard(id(node))
+        sizes[id(node)] = total
+        return total
+
+    size(root)
 
 
 def _record_lines(loader: _Loader, node: yaml.Node, path: KeyPath, file: Path, origins: dict[KeyPath, Origin]) -> None:
@@ -206,10 +285,20 @@ def _apply_override(doc: _Doc, text: str) -> None:
     parts: KeyPath = tuple(int(p) if p.isdigit() else p for p in key.strip().split("."))
     if not sep or not all(str(p) for p in parts):
         raise RecipeError([Problem(here, "", "expected --set path.to.key=value, e.g. --set training.learning_rate=1e-4")])
+    loader = _Loader(raw)
     try:
-        value = yaml.load(raw, Loader=_Loader)
+        node = loader.get_single_node()
+        if node is not None:
+            _check_expansion(node, Path("--set"))
+        value = loader.construct_document(node) if node is not None else None
+    except RecipeError as e:
+        raise RecipeError([Problem(here, key, e.problems[0].message)]) from None
+    except _TooDeep:
+        raise RecipeError([Problem(here, key, f"the value is nested more than {MAX_DEPTH} levels deep")]) from None
     except yaml.YAMLError as e:
         raise RecipeError([Problem(here, key, f"cannot read the value as YAML ({getattr(e, 'problem', e)})")]) from None
+    finally:
+        loader.dispose()
     for depth in range(len(parts)):
         parent, part = parts[:depth], parts[depth]
         annotation = annotation_at(Recipe, parent)

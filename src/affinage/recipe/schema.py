@@ -7,7 +7,9 @@ composition, ``--set`` overrides and the file:line error messages live in ``reci
 
 from __future__ import annotations
 
+import math
 import re
+import string
 from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -19,6 +21,42 @@ from affinage.sharding import describe as describe_strategies
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, v):
+        """No NaN or infinity anywhere (YAML reads ``.nan`` and ``.inf``): every range check below assumes numbers."""
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"must be a finite number (got {v})")
+        return v
+
+
+# Upper bounds: values past them are typing mistakes no run can use (they overflow numpy seeds, allocate
+# absurd buffers or never finish); each says what is usual.
+SEED_MAX = 2**32 - 1  # numpy's and torch's seed range
+MAX_LENGTH_MAX = 1 << 20  # tokens per sequence (1M: beyond any model's context)
+BATCH_MAX = 1 << 20  # sequences per optimizer step
+STEPS_MAX = 10**9
+EPOCHS_MAX = 10_000
+TOKENS_MAX = 1e15  # 1,000 T tokens: beyond any fine-tune
+
+
+def _seed(v: int) -> int:
+    if not 0 <= v <= SEED_MAX:
+        raise ValueError(f"seed must be in [0, 2**32-1] = [0, {SEED_MAX}] (got {v}); any small number such as 42 will do")
+    return v
+
+
+def _at_least(v, low, what: str, usual: str = ""):
+    if v is not None and v < low:
+        raise ValueError(f"{what} must be >= {low} (got {v})" + (f"; {usual}" if usual else ""))
+    return v
+
+
+def _at_most(v, high, what: str, usual: str = ""):
+    if v is not None and v > high:
+        raise ValueError(f"{what} must be <= {high:,} (got {v:,})" + (f"; {usual}" if usual else ""))
+    return v
 
 
 # --------------------------------------------------------------------------------------- model
@@ -57,7 +95,7 @@ class LoraSpec(Strict):
     def _rank_positive(cls, v: int) -> int:
         if v <= 0:
             raise ValueError(f"LoRA rank must be a positive integer (got {v}); typical values are 8, 16, 64")
-        return v
+        return _at_most(v, 65536, "LoRA rank", "typical values are 8, 16, 64")
 
     @field_validator("alpha")
     @classmethod
@@ -140,7 +178,7 @@ class SourceSpec(Strict):
     def _weight_positive(cls, v: float) -> float:
         if v <= 0:
             raise ValueError(f"source weight must be > 0 (got {v}); remove the source to leave it out")
-        return v
+        return _at_most(v, 1000, "source weight", "it is a repeat factor: 2 uses the records twice")
 
     @field_validator("max_records")
     @classmethod
@@ -162,6 +200,26 @@ class FilterSpec(Strict):
     near_dedup_threshold: float = Field(0.8, description="estimated Jaccard similarity above which a document is a near-duplicate")
     near_dedup_num_perm: int = Field(128, description="MinHash permutations (more: more precise, slower)")
     near_dedup_ngram: int = Field(5, description="word n-gram size of the MinHash shingles")
+
+    @field_validator("min_chars", "min_tokens")
+    @classmethod
+    def _non_negative(cls, v: int, info) -> int:
+        return _at_least(v, 0, f"filters.{info.field_name}")
+
+    @field_validator("max_chars", "max_tokens")
+    @classmethod
+    def _max_positive(cls, v: Optional[int], info) -> Optional[int]:
+        return _at_least(v, 1, f"filters.{info.field_name}", "leave it out for no limit")
+
+    @field_validator("near_dedup_num_perm")
+    @classmethod
+    def _num_perm(cls, v: int) -> int:
+        return _at_most(v, 4096, "filters.near_dedup_num_perm", "128 is usual")
+
+    @field_validator("near_dedup_ngram")
+    @classmethod
+    def _ngram_max(cls, v: int) -> int:
+        return _at_most(v, 100, "filters.near_dedup_ngram", "5 is usual")
 
     @field_validator("near_dedup_threshold")
     @classmethod
@@ -193,7 +251,7 @@ class DecontaminationSpec(Strict):
     def _ngram(cls, v: int) -> int:
         if v < 4:
             raise ValueError(f"decontamination.ngram must be at least 4 words (got {v}); 13 is usual")
-        return v
+        return _at_most(v, 1000, "decontamination.ngram", "13 is usual")
 
 
 class DataSpec(Strict):
@@ -230,14 +288,19 @@ class DataSpec(Strict):
     def _num_proc(cls, v: Optional[int]) -> Optional[int]:
         if v is not None and v <= 0:
             raise ValueError(f"data.num_proc must be a positive integer (got {v})")
-        return v
+        return _at_most(v, 4096, "data.num_proc", "the CPU cores of the machine")
 
     @field_validator("max_length")
     @classmethod
     def _max_length(cls, v: int) -> int:
         if v < 8:
             raise ValueError(f"data.max_length must be at least 8 tokens (got {v})")
-        return v
+        return _at_most(v, MAX_LENGTH_MAX, "data.max_length", "the model's context, e.g. 2048 or 4096 tokens")
+
+    @field_validator("heldout_max")
+    @classmethod
+    def _heldout_max(cls, v: Optional[int]) -> Optional[int]:
+        return _at_least(v, 1, "data.heldout_max", "use heldout_fraction: 0 for no held-out split")
 
     @field_validator("heldout_fraction")
     @classmethod
@@ -273,6 +336,9 @@ class Duration(Strict):
             raise ValueError(f"duration {text!r} must be positive")
         if unit == "steps" and value != int(value):
             raise ValueError(f"duration {text!r}: steps must be a whole number")
+        limit = {"steps": STEPS_MAX, "epochs": EPOCHS_MAX, "tokens": TOKENS_MAX}[unit]
+        if value > limit:
+            raise ValueError(f"duration {text!r} is beyond any run (at most {limit:,.0f} {unit}); check the number")
         return cls(unit=unit, value=value)
 
     def __str__(self) -> str:
@@ -319,6 +385,35 @@ class TrainingSpec(Strict):
             raise ValueError(f"must be a positive integer (got {v})")
         return v
 
+    @field_validator("global_batch_size", "micro_batch_size")
+    @classmethod
+    def _batch_max(cls, v: int, info) -> int:
+        return _at_most(v, BATCH_MAX, f"training.{info.field_name}", "global batches are usually 8..1024 sequences")
+
+    @field_validator("save_every", "eval_every")
+    @classmethod
+    def _every(cls, v: Optional[int], info) -> Optional[int]:
+        return _at_least(v, 1, f"training.{info.field_name}", "a number of optimizer steps; leave it out for the default")
+
+    @field_validator("warmup_steps", "weight_decay", "max_grad_norm")
+    @classmethod
+    def _non_negative(cls, v, info):
+        usual = {"warmup_steps": "0 for no warm-up", "weight_decay": "0.0 or 0.01..0.1 are usual",
+                 "max_grad_norm": "1.0 is usual; 0 turns clipping off"}[info.field_name]
+        return _at_least(v, 0, f"training.{info.field_name}", usual)
+
+    @field_validator("weight_decay")
+    @classmethod
+    def _wd_max(cls, v: float) -> float:
+        return _at_most(v, 10, "training.weight_decay", "0.0 or 0.01..0.1 are usual")
+
+    @field_validator("adam_beta1", "adam_beta2")
+    @classmethod
+    def _beta(cls, v: float, info) -> float:
+        if not 0 <= v < 1:
+            raise ValueError(f"training.{info.field_name} must be in [0, 1) (got {v}); 0.9 and 0.999 are usual")
+        return v
+
     @field_validator("learning_rate")
     @classmethod
     def _lr(cls, v: float) -> float:
@@ -351,6 +446,21 @@ class TrainingSpec(Strict):
 
 class OutputSpec(Strict):
     dir: str = Field("runs/{name}", description="run directory; {name} is the recipe name")
+
+    @field_validator("dir")
+    @classmethod
+    def _placeholders(cls, v: str) -> str:
+        try:
+            fields = [f for _, f, _, _ in string.Formatter().parse(v) if f is not None]
+        except ValueError as e:
+            raise ValueError(f"output.dir {v!r}: {e}; write {{{{ and }}}} for literal braces") from None
+        bad = [f for f in fields if f != "name"]
+        if bad:
+            raise ValueError(f"output.dir {v!r}: unknown placeholder {{{bad[0]}}}; the only one is {{name}} (the recipe "
+                             "name); write {{ and }} for literal braces, $VAR for environment variables")
+        if not v.strip():
+            raise ValueError("output.dir is empty: give a folder, e.g. runs/{name}")
+        return v
 
 
 # --------------------------------------------------------------------------------- distributed
@@ -428,7 +538,7 @@ class PerplexitySetSpec(Strict):
     role: Literal["domain", "forgetting"] = Field(
         "domain", description="domain: the text the training should improve; forgetting: general or other text that should not get much worse"
     )
-    max_records: Optional[int] = Field(None, description="score only the first N records")
+    max_records: Optional[int] = Field(None, ge=1, description="score only the first N records")
     group_field: Optional[str] = Field(
         None, description="field naming the unit records were cut from (book, source document): the bootstrap "
         "resamples these groups, since passages of one book are not independent"
@@ -453,7 +563,7 @@ class McqSetSpec(Strict):
     num_fewshot: int = Field(0, ge=0, description="solved examples put before each question")
     fewshot_path: Optional[str] = Field(None, description="items the examples are drawn from (default: the same file, never the item itself)")
     template: str = Field("Question : {question}\nRéponse :", description="prompt; {question} is replaced")
-    max_items: Optional[int] = None
+    max_items: Optional[int] = Field(None, ge=1)
 
 
 class GenerationSpec(Strict):
@@ -469,8 +579,8 @@ class LmEvalSpec(Strict):
 
     tasks: list[str] = Field(min_length=1)
     include_path: Optional[str] = Field(None, description="folder of task YAML files (french_bench style, data read from local files)")
-    num_fewshot: Optional[int] = None
-    limit: Optional[int] = Field(None, description="at most N documents per task (quick checks)")
+    num_fewshot: Optional[int] = Field(None, ge=0)
+    limit: Optional[int] = Field(None, ge=1, description="at most N documents per task (quick checks)")
 
 
 class EvalSpec(Strict):
@@ -482,11 +592,16 @@ class EvalSpec(Strict):
     lm_eval: Optional[LmEvalSpec] = None
     compare_base: bool = Field(True, description="evaluate the base model too and report differences with confidence intervals")
     base: Optional[str] = Field(None, description="model to compare with (default: the recipe's model.name_or_path)")
-    max_length: Optional[int] = Field(None, description="tokens per scoring window (default: data.max_length of the recipe)")
+    max_length: Optional[int] = Field(None, ge=8, le=MAX_LENGTH_MAX, description="tokens per scoring window (default: data.max_length of the recipe)")
     batch_size: int = Field(8, ge=1)
     bootstrap: int = Field(2000, ge=100, description="bootstrap resamples for confidence intervals")
     confidence: float = Field(0.95, gt=0.5, lt=1)
     seed: int = 1234
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return _seed(v)
 
     @model_validator(mode="after")
     def _unique_names(self) -> "EvalSpec":
@@ -528,6 +643,13 @@ class CardSpec(Strict):
     grid_gco2_per_kwh: Optional[float] = Field(None, description="grid carbon intensity (default: France, 60 gCO2e/kWh, see affinage.provenance.energy)")
     location: str = "France"
 
+    @field_validator("base_model_training_flops", "gpu_power_w", "pue", "grid_gco2_per_kwh")
+    @classmethod
+    def _positive(cls, v: Optional[float], info) -> Optional[float]:
+        if v is not None and v <= 0:
+            raise ValueError(f"card.{info.field_name} must be positive (got {v})")
+        return v
+
 
 # -------------------------------------------------------------------------------------- recipe
 class Recipe(Strict):
@@ -548,6 +670,11 @@ class Recipe(Strict):
     eval: Optional[EvalSpec] = Field(None, description="what `affinage eval` measures (perplexity, MCQ, samples, lm-eval)")
     card: Optional[CardSpec] = Field(None, description="model card and AI Act summary fields only the releaser knows")
     preference: Optional[PreferenceSpec] = Field(None, description="dpo/kto: objective, reference policy, starting run, truncation")
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return _seed(v)
 
     @field_validator("name")
     @classmethod
@@ -581,6 +708,13 @@ class Recipe(Strict):
                 "data.packing: concat with task: sft — concatenation cuts conversations at row boundaries; "
                 "use packing: bfd (whole samples, no attention between them) or none"
             )
+        if self.task == "sft":
+            for i, s in enumerate(self.data.sources):
+                if s.format == "text":
+                    raise ValueError(
+                        f"data.sources[{i}].format: text with task: sft — supervised fine-tuning learns assistant replies "
+                        "from chat or alpaca records; use format: chat/alpaca, or task: cpt for raw text"
+                    )
         if self.task == "cpt":
             for i, s in enumerate(self.data.sources):
                 if s.format in ("chat", "alpaca"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 import sys
 
 from affinage.slurm.profiles import ProfileError, profile_names
@@ -53,6 +54,17 @@ def cmd_submit(args) -> int:
 def cmd_status(args) -> int:
     from affinage.slurm.status import format_status, run_status
 
+    from affinage.errors import UserError
+    from affinage.slurm.status import jobs_file
+
+    root = Path(args.run_dir)
+    if not root.is_dir():
+        raise UserError(f"{root} does not exist" if not root.exists() else f"{root} is a file, not a run directory")
+    if not jobs_file(root).is_file():
+        local = (root / "recipe.yaml").is_file() or (root / "summary.json").is_file()
+        raise UserError(f"{root}: no SLURM jobs recorded (no {jobs_file(root).relative_to(root)}): "
+                        + ("this run was not submitted with affinage submit; see its summary.json and metrics.jsonl"
+                           if local else "this is not an affinage run directory; give the folder affinage submit printed"))
     rows = run_status(args.run_dir)
     print(json.dumps(rows, indent=2) if args.json else format_status(args.run_dir, rows))
     return 0

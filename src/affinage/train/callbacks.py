@@ -58,6 +58,31 @@ class MetricsFileCallback(TrainerCallback):
             fh.write(json.dumps(row) + "\n")
 
 
+def truncate_metrics(path: Path, step: int) -> int:
+    """Drop the lines logged after ``step`` (a resume from ``step`` logs them again); atomic; returns lines dropped.
+
+    A line cut short by a killed writer is dropped too.
+    """
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+            keep = isinstance(row, dict) and row.get("step", 0) <= step
+        except ValueError:
+            keep = False
+        if keep:
+            kept.append(line)
+        elif line.strip():
+            dropped += 1
+    if dropped:
+        from affinage.run import atomic_write_text
+
+        atomic_write_text(path, "".join(l + "\n" for l in kept))
+    return dropped
+
+
 class StopRequestCallback(TrainerCallback):
     """Stops cleanly at the end of the current optimizer step when a stop file appears.
 

@@ -14,6 +14,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
+from pathlib import Path
 
 import torch
 
@@ -159,6 +160,9 @@ def train(
         os.environ.setdefault("WANDB_DIR", str(run.root / "logs"))
 
     tokenizer = load_tokenizer(recipe.model)
+    from affinage.model.check import check_recipe_model
+
+    check_recipe_model(recipe, tokenizer)  # a broken model folder stops here, before data preparation
     data = prepare(recipe, tokenizer)  # the prepared-data cache: a hit, or built once (other ranks wait)
     if is_main:
         atomic_write_json(run.data_stats, {**data.stats, "cache": str(data.path)})
@@ -179,13 +183,20 @@ def train(
         for p in stale:
             print(f"affinage: removed incomplete checkpoint {p} (no {ckpt.MARKER} marker)")
         (run.root / STOP_FILE).unlink(missing_ok=True)
-    if resume:
-        found = ckpt.newest_complete_checkpoint(run.checkpoints)
+    if resume:  # verified: a corrupt newest checkpoint is reported and the previous one used (train.checkpoint)
+        t_verify = time.perf_counter()
+        found = ckpt.newest_resumable(run.checkpoints, say=print if is_main else (lambda _m: None), set_aside=is_main)
         resume_from = str(found) if found else None
+        if found and is_main:
+            print(f"affinage: verified {found.name} in {time.perf_counter() - t_verify:.2f} s")
     elif is_main and run.checkpoints.exists():
         shutil.rmtree(run.checkpoints)
     if is_main and resume_from is None:
         run.metrics.unlink(missing_ok=True)
+    elif is_main:
+        from affinage.train.callbacks import truncate_metrics
+
+        truncate_metrics(run.metrics, ckpt.checkpoint_step(Path(resume_from)))  # one line per step across resumes
 
     # ---- distributed strategy hook (affinage.distributed, owner: dist) ------------------------------------
     # Before the model loads: process group, ZeRO-3 load-time partitioning, FSDP2 rank-0 loading,
@@ -216,7 +227,20 @@ def train(
     trainer.add_callback(ProgressBarCallback(desc=recipe.name))
     if resume_from and is_main:
         print(f"affinage: resuming from {resume_from}")
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except Exception as e:
+        from affinage.errors import DiskFullError, is_disk_full
+
+        if not is_disk_full(e, run.root):
+            raise
+        kept = ckpt.newest_complete_checkpoint(run.checkpoints)
+        raise DiskFullError(
+            f"no space left on the device of {run.root} while training (step {trainer.state.global_step}): "
+            + (f"the last complete checkpoint, {kept.name}, is intact and a rerun resumes from it" if kept
+               else "no checkpoint was complete yet, so a rerun starts over")
+            + "; a half-written checkpoint is removed at the next start. Free space (a checkpoint takes about "
+            f"{_checkpoint_size(kept)}), then rerun the same command") from None
     completed = stop.stopped_at is None and trainer.state.global_step >= max_steps
 
     eval_loss = None
@@ -252,6 +276,14 @@ def train(
         slurm = {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))} if "SLURM_JOB_ID" in os.environ else None
         atomic_write_json(run.summary, {"recipe": recipe.name, "task": recipe.task, "method": recipe.method.kind, **result.as_dict(), "slurm": slurm})
     return result
+
+
+def _checkpoint_size(path) -> str:
+    from affinage.distributed.memory import human_bytes
+
+    if path is None:
+        return "the size of the model and optimizer states"
+    return human_bytes(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()))
 
 
 def _save_final(trainer, tokenizer, run: RunDir, is_main: bool) -> None:

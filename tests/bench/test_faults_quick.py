@@ -1,0 +1,32 @@
+"""The fault campaign's fast subset (bench/faults.py --quick): the whole bad-input table and two SIGKILLs.
+
+Every bad input (recipes, data files, chat records, command-line arguments, model folders, run
+directories) must get a clear one-paragraph error: no traceback, no hang, no silent acceptance; a run
+killed twice (once while a checkpoint is written) must resume to weights bitwise equal to an
+uninterrupted run, with one metrics line per step. The full campaign (24 kills, corruption, full disk,
+concurrency) is ``python bench/faults.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_fault_campaign_quick(tmp_path):
+    spec = importlib.util.spec_from_file_location("faults", REPO / "bench" / "faults.py")
+    faults = importlib.util.module_from_spec(spec)
+    sys.modules["faults"] = faults  # dataclasses look their module up there
+    spec.loader.exec_module(faults)
+    result = faults.campaign(tmp_path / "work", quick=True, say=lambda *_: None)
+    t = result["totals"]
+    bad = [c for c in result["cases"] if c["result"] != "clear"]
+    assert not bad, "\n".join(f"{c['result']}: {c['group']}: {c['name']}: {c['message']}" for c in bad)
+    assert t["bad_inputs"] >= 80
+    assert {c["group"] for c in result["cases"]} >= {"recipe file", "recipe value", "cli", "data file", "chat record", "model folder"}
+    assert t["kills"] == 2 and t["kills_during_checkpoint_write"] >= 1
+    assert t["lost_runs"] == t["weight_mismatches"] == t["metrics_duplicates"] == 0, result["kills"]
+    assert faults.failures(t) == 0
