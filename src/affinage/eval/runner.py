@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 from affinage.errors import UserError
 from affinage.eval import harness, mcq, perplexity
 from affinage.eval.generation import generate
+from affinage.eval.scoring import tokens_per_s
 from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
 from affinage.eval.sets import read_mcq, read_prompts, read_text_set
@@ -187,24 +188,29 @@ def _say(progress: bool, text: str) -> None:
 
 def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch_size: int, device: str,
                   limit: Optional[int], progress: bool, role: str) -> dict:
-    out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "generation": [], "lm_eval": None}
+    out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "generation": [], "lm_eval": None, "speed": {}}
     for s in spec.perplexity:
         t0 = time.monotonic()
+        meter = out["speed"][f"perplexity/{s.name}"] = {}
         scores = perplexity.score_texts(loaded.model, loaded.tokenizer, data.texts[s.name], max_length=max_length,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, progress=progress, meter=meter,
+                                        desc=f"{role} perplexity {s.name}")
         out["perplexity"][s.name] = scores
         agg = perplexity.aggregate(scores)
         _say(progress, f"{role:<5} perplexity {s.name}: {agg['bits_per_byte']:.4f} bits/byte, "
-                       f"token perplexity {agg['token_perplexity']:.2f} ({time.monotonic() - t0:.1f} s)")
+                       f"token perplexity {agg['token_perplexity']:.2f} ({time.monotonic() - t0:.1f} s, "
+                       f"{tokens_per_s(meter) or 0:,.0f} tokens/s)")
     for s in spec.mcq:
         t0 = time.monotonic()
+        meter = out["speed"][f"mcq/{s.name}"] = {}
         per_item = mcq.score_items(loaded.model, loaded.tokenizer, data.items[s.name], template=s.template,
                                    num_fewshot=s.num_fewshot, pool=data.pools[s.name], max_length=max_length,
-                                   batch_size=batch_size, seed=spec.seed, set_name=s.name)
+                                   batch_size=batch_size, seed=spec.seed, set_name=s.name, progress=progress,
+                                   meter=meter)
         out["mcq"][s.name] = per_item
         agg = mcq.aggregate(per_item)
         _say(progress, f"{role:<5} mcq {s.name}: acc {agg['acc']:.3f}, acc_norm {agg['acc_norm']:.3f} "
-                       f"({agg['items']} items, {time.monotonic() - t0:.1f} s)")
+                       f"({agg['items']} items, {time.monotonic() - t0:.1f} s, {tokens_per_s(meter) or 0:,.0f} tokens/s)")
     if spec.generation and data.prompts:
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
                                      max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length)
@@ -216,6 +222,15 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
             out["lm_eval"] = harness.run(loaded.model, loaded.tokenizer, spec.lm_eval, batch_size=batch_size,
                                          max_length=max_length, device=device, limit=limit, seed=spec.seed)
     return out
+
+
+def _speed(meters: dict) -> dict:
+    """Tokens read per second of scoring, per set and over all of them (one model)."""
+    out = {k: {"tokens": m["tokens"], "forwards": m["forwards"], "seconds": round(m["seconds"], 3),
+               "tokens_per_s": round(tokens_per_s(m) or 0.0, 1)} for k, m in meters.items() if m}
+    tokens, seconds = sum(m["tokens"] for m in out.values()), sum(m["seconds"] for m in out.values())
+    return {"sets": out, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
 
 
 def _grouping(s, groups: Optional[list[str]]) -> dict:
@@ -355,6 +370,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
+        "speed": {r: _speed(raw[r]["speed"]) for r in raw},
         "notes": t.notes,
     }
     results["seconds"] = round(time.monotonic() - start, 2)
@@ -426,6 +442,10 @@ def format_results(results: dict) -> str:
     le = results.get("lm_eval")
     if le:
         lines.append(f"{'lm-eval':<20} " + (le["skipped"] if "skipped" in le else ", ".join(le["tasks"])))
+    for role, sp in (results.get("speed") or {}).items():
+        if sp.get("tokens_per_s"):
+            lines.append(f"{'speed':<20} {role:<10} {sp['tokens_per_s']:,.0f} tokens/s "
+                         f"({sp['tokens']:,} tokens in {sp['seconds']:.1f} s of scoring)")
     root = results.get("_root")
     if root:
         lines.append(f"{'report':<20} {Path(root) / 'report.md'}")
