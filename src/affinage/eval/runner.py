@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from affinage.errors import UserError
-from affinage.eval import harness, mcq, perplexity
+from affinage.eval import extractive, harness, mcq, perplexity
 from affinage.eval.generation import generate
 from affinage.eval.scoring import tokens_per_s
 from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
@@ -30,10 +30,10 @@ from affinage.eval.sets import read_mcq, read_prompts, read_text_set
 from affinage.hashing import FileHasher
 from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
-from affinage.recipe.schema import EvalSpec, McqSetSpec, PerplexitySetSpec
+from affinage.recipe.schema import EvalSpec, ExtractiveSetSpec, McqSetSpec, PerplexitySetSpec
 from affinage.model.load import count_parameters
 
-KINDS = ("perplexity", "mcq", "generation", "lm_eval")
+KINDS = ("perplexity", "mcq", "extractive", "generation", "lm_eval")
 ROLES = ("base", "tuned")
 RESULTS_FILE = "results.json"
 DETAILS_FILE = "details.jsonl"
@@ -129,6 +129,7 @@ def combine(recipe_spec: Optional[EvalSpec], extra: Optional[EvalSpec], replace:
     return recipe_spec.model_copy(update={
         "perplexity": merged(recipe_spec.perplexity, extra.perplexity),
         "mcq": merged(recipe_spec.mcq, extra.mcq),
+        "extractive": merged(recipe_spec.extractive, extra.extractive),
         "generation": extra.generation or recipe_spec.generation,
     })
 
@@ -138,7 +139,7 @@ def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
     if not tasks:
         return spec
     wanted = {t.strip() for t in tasks if t.strip()}
-    names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq}
+    names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq} | {s.name for s in spec.extractive}
     unknown = wanted - set(KINDS) - names
     if unknown:
         raise UserError(
@@ -148,6 +149,7 @@ def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
     return spec.model_copy(update={
         "perplexity": [s for s in spec.perplexity if "perplexity" in wanted or s.name in wanted],
         "mcq": [s for s in spec.mcq if "mcq" in wanted or s.name in wanted],
+        "extractive": [s for s in spec.extractive if "extractive" in wanted or s.name in wanted],
         "generation": spec.generation if "generation" in wanted else None,
         "lm_eval": spec.lm_eval if "lm_eval" in wanted else None,
     })
@@ -158,6 +160,7 @@ class _Data:
     texts: dict[str, list[str]] = field(default_factory=dict)
     groups: dict[str, Optional[list[str]]] = field(default_factory=dict)
     items: dict[str, list] = field(default_factory=dict)
+    qa: dict[str, list] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
 
@@ -174,6 +177,11 @@ def _read_data(spec: EvalSpec, limit: Optional[int]) -> _Data:
         d.items[s.name] = read_mcq(s.path, n, group_field=s.group_field, **fields)
         d.groups[s.name] = [it.group for it in d.items[s.name]] if s.group_field else None
         d.pools[s.name] = read_mcq(s.fewshot_path, **fields) if s.fewshot_path else None
+    for s in spec.extractive:
+        n = min(x for x in (s.max_items, limit) if x) if (s.max_items or limit) else None
+        d.qa[s.name] = extractive.read_qa(s.path, n, context_field=s.context_field, question_field=s.question_field,
+                                          answers_field=s.answers_field, group_field=s.group_field)
+        d.groups[s.name] = [it.group for it in d.qa[s.name]] if s.group_field else None
     if spec.generation:
         d.prompts = read_prompts(spec.generation.prompts, spec.generation.path)
         if limit:
@@ -188,7 +196,7 @@ def _say(progress: bool, text: str) -> None:
 
 def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch_size: int, device: str,
                   limit: Optional[int], progress: bool, role: str) -> dict:
-    out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "generation": [], "lm_eval": None, "speed": {}}
+    out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "extractive": {}, "generation": [], "lm_eval": None, "speed": {}}
     for s in spec.perplexity:
         t0 = time.monotonic()
         meter = out["speed"][f"perplexity/{s.name}"] = {}
@@ -211,6 +219,14 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
         agg = mcq.aggregate(per_item)
         _say(progress, f"{role:<5} mcq {s.name}: acc {agg['acc']:.3f}, acc_norm {agg['acc_norm']:.3f} "
                        f"({agg['items']} items, {time.monotonic() - t0:.1f} s, {tokens_per_s(meter) or 0:,.0f} tokens/s)")
+    for s in spec.extractive:
+        t0 = time.monotonic()
+        per_item = extractive.score_items(loaded.model, loaded.tokenizer, data.qa[s.name], template=s.template,
+                                          max_new_tokens=s.max_new_tokens, max_length=max_length, seed=spec.seed)
+        out["extractive"][s.name] = per_item
+        agg = extractive.aggregate(per_item)
+        _say(progress, f"{role:<5} extractive {s.name}: exact {agg['exact']:.3f}, f1 {agg['f1']:.3f} "
+                       f"({agg['items']} items, {time.monotonic() - t0:.1f} s)")
     if spec.generation and data.prompts:
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
                                      max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length)
@@ -266,6 +282,21 @@ def _mcq_entry(s: McqSetSpec, items, groups, raw: dict, spec: EvalSpec) -> dict:
     if "base" in raw and "tuned" in raw:
         entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]], **boot)
                           for m in ("acc", "acc_norm", "acc_norm_bytes")}
+    return entry
+
+
+def _extractive_entry(s: ExtractiveSetSpec, items, groups, raw: dict, spec: EvalSpec) -> dict:
+    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
+                             "role": s.role, "items": len(items), "template": s.template, **_grouping(s, groups)}
+    boot = {"groups": groups, "iterations": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed}
+    for role, per_item in raw.items():
+        agg = extractive.aggregate(per_item)
+        for m in ("exact", "f1"):
+            agg[f"{m}_ci"] = mean_ci([r[m] for r in per_item], **boot)
+        entry[role] = agg
+    if "base" in raw and "tuned" in raw:
+        entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]], **boot)
+                          for m in ("exact", "f1")}
     return entry
 
 
@@ -367,6 +398,8 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
                                   spec) for s in spec.perplexity],
         "mcq": [_mcq_entry(s, data.items[s.name], data.groups[s.name], {r: raw[r]["mcq"][s.name] for r in raw}, spec)
                 for s in spec.mcq],
+        "extractive": [_extractive_entry(s, data.qa[s.name], data.groups[s.name],
+                                         {r: raw[r]["extractive"][s.name] for r in raw}, spec) for s in spec.extractive],
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
@@ -394,6 +427,9 @@ def write_results(root: Path, results: dict, raw: dict, data: _Data, spec: EvalS
         for name, per_item in r["mcq"].items():
             for i, row in enumerate(per_item):
                 lines.append({"model": role, "kind": "mcq", "set": name, "index": i, **row})
+        for name, per_item in r["extractive"].items():
+            for i, row in enumerate(per_item):
+                lines.append({"model": role, "kind": "extractive", "set": name, "index": i, **row})
         for i, text in enumerate(r["generation"] or []):
             lines.append({"model": role, "kind": "generation", "index": i, "prompt": data.prompts[i], "output": text})
     write_text(out / DETAILS_FILE, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
@@ -436,6 +472,16 @@ def format_results(results: dict) -> str:
                      f"({e['items']} items, chance {e['chance']:.3f})")
         else:
             line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items, chance {e['chance']:.3f})"
+        lines.append(line)
+    for e in results.get("extractive", []):
+        b, t = e.get("base"), e.get("tuned")
+        line = f"{e['name']:<20} {e['role']:<10} exact "
+        if b and t:
+            d = e["delta"]["f1"]
+            line += (f"{b['exact']:.3f} → {t['exact']:.3f}   f1 {b['f1']:.3f} → {t['f1']:.3f}  {d['delta']:+.3f} "
+                     f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] ({_console_verdict(d)})  ({e['items']} items)")
+        else:
+            line += f"{t['exact']:.3f}   f1 {t['f1']:.3f}  ({e['items']} items)"
         lines.append(line)
     if results.get("generation"):
         lines.append(f"{'generation':<20} {len(results['generation'])} prompts (see the report)")
