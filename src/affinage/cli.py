@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_eval(args) -> int:
-    from affinage.eval.runner import adhoc_spec, combine, format_results, load_spec_file
+    from affinage.eval.console import format_results
+    from affinage.eval.specs import adhoc_spec, combine, load_spec_file
     from affinage.evaluate import evaluate
 
     # --spec's sets and the --ppl/--mcq ones are added to the recipe's (--replace: they are the whole spec)

@@ -26,9 +26,6 @@ SHAREGPT_ROLES = {
     "bot": "assistant", "model": "assistant", "chatgpt": "assistant", "tool": "tool", "observation": "tool",
     "function_response": "tool", "function_call": "function_call",
 }
-# Record fields a source's ``columns`` may map: canonical name -> the dataset's field.
-COLUMN_KEYS = ("text", "messages", "conversations", "instruction", "input", "output", "system", "tools",
-               "role", "content", "from", "value")
 
 
 def nfc(s: str) -> str:

@@ -107,6 +107,11 @@ class MethodSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- data
+#: record fields a source's ``columns`` may map (canonical name -> the dataset's field); data.formats reads them
+COLUMN_KEYS = ("text", "messages", "conversations", "instruction", "input", "output", "system", "tools",
+               "role", "content", "from", "value")
+
+
 class SourceSpec(Strict):
     path: str = Field(description="a .jsonl/.json file, a .parquet file, a folder of .txt files, or a datasets.save_to_disk folder")
     format: Literal["auto", "text", "chat", "alpaca", "sharegpt"] = "auto"
@@ -124,8 +129,6 @@ class SourceSpec(Strict):
     @field_validator("columns")
     @classmethod
     def _columns_known(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
-        from affinage.data.formats import COLUMN_KEYS
-
         bad = sorted(set(v or {}) - set(COLUMN_KEYS))
         if bad:
             raise ValueError(f"columns maps unknown field(s) {bad}; the canonical names are {', '.join(COLUMN_KEYS)}")
