@@ -48,6 +48,8 @@ _SET_OPTIONS = {
     "perplexity": ("text_field", "role", "max_records", "group_field"),
     "mcq": ("role", "num_fewshot", "fewshot_path", "template", "max_items", "question_field", "choices_field",
             "answer_field", "group_field"),
+    "extractive": ("role", "template", "context_field", "question_field", "answers_field", "group_field",
+                   "max_new_tokens", "max_items"),
 }
 
 
@@ -69,7 +71,7 @@ def _set_from_cli(text: str, kind: str, flag: str, **fixed) -> dict:
 
 
 def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
-               prompts: Optional[str] = None) -> Optional[EvalSpec]:
+               prompts: Optional[str] = None, qa_sets: Sequence[str] = ()) -> Optional[EvalSpec]:
     """An :class:`EvalSpec` from command-line sets: ``NAME=PATH`` or a bare path, then ``,key=value`` options.
 
     ``--mcq culture=qcm.jsonl,answer_field=answer_index,role=forgetting`` sets what a recipe's
@@ -77,15 +79,16 @@ def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets
     """
     from affinage.recipe.problems import validate
 
-    if not (ppl or forgetting or mcq_sets or prompts):
+    if not (ppl or forgetting or mcq_sets or prompts or qa_sets):
         return None
     data = {
         "perplexity": [_set_from_cli(t, "perplexity", "--ppl") for t in ppl]
         + [_set_from_cli(t, "perplexity", "--forgetting", role="forgetting") for t in forgetting],
         "mcq": [_set_from_cli(t, "mcq", "--mcq") for t in mcq_sets],
+        "extractive": [_set_from_cli(t, "extractive", "--qa") for t in qa_sets],
         "generation": {"path": prompts} if prompts else None,
     }
-    return validate(EvalSpec, data, hint="(from the command line: --ppl, --forgetting, --mcq, --prompts)")
+    return validate(EvalSpec, data, hint="(from the command line: --ppl, --forgetting, --mcq, --qa, --prompts)")
 
 
 def combine(recipe_spec: Optional[EvalSpec], extra: Optional[EvalSpec], replace: bool = False) -> Optional[EvalSpec]:
