@@ -8,6 +8,9 @@ repeats interleaved (e p t l e p t l ...), each timed on the whole set:
 
 * ``eval``: ``affinage.eval.perplexity.score_texts``, the packed path (windows laid out
   best-fit-decreasing into rows of ``max_length``, varlen attention, one forward per row);
+* ``eval-disjoint``: the packed path with windows that overlap by one token (stride ``max_length - 1``),
+  so that nearly every position read is scored, as in training: the like-for-like forward comparison
+  (the default stride, half a window, computes the output head on the new half only);
 * ``eval-padded``: the same windows, unpacked (right-padded batches): the path before packing;
 * ``train-fwd``: the trainer's forward and loss on the same texts laid out as CPT training lays them
   out (``layout_concat`` rows, ``PackedCollator``, varlen attention, ``selective_lm_loss``), under
@@ -85,12 +88,13 @@ def build_model(vocab: int, layers: int, hidden: int, max_pos: int, seed: int):
 
 
 # ------------------------------------------------------------------------------------ set-ups
-def run_eval(model, tok, texts, max_length: int, packed: bool) -> dict:
+def run_eval(model, tok, texts, max_length: int, packed: bool, stride: int | None = None) -> dict:
     from affinage.eval import perplexity
 
     meter: dict = {}
     t0 = time.perf_counter()
-    scores = perplexity.score_texts(model, tok, texts, max_length=max_length, packed=packed, batch_size=4, meter=meter)
+    scores = perplexity.score_texts(model, tok, texts, max_length=max_length, packed=packed, batch_size=4, meter=meter,
+                                    stride=stride)
     s = time.perf_counter() - t0
     return {"seconds": s, "read": meter["tokens"], "scored": meter["scored"], "forwards": meter["forwards"],
             "nll": sum(x.nll for x in scores)}
@@ -201,6 +205,7 @@ def main(argv=None) -> int:
     missing = None if not a.no_lm_eval else "--no-lm-eval"
     missing = missing or lm_eval_missing()
     setups = {"eval": lambda: run_eval(model, tok, texts, a.max_length, packed=True),
+              "eval-disjoint": lambda: run_eval(model, tok, texts, a.max_length, packed=True, stride=a.max_length - 1),
               "eval-padded": lambda: run_eval(model, tok, texts, a.max_length, packed=False),
               "train-fwd": lambda: run_train_forward(model, rows)}
     if missing is None:
@@ -228,7 +233,9 @@ def main(argv=None) -> int:
     e = res["setups"]["eval"]["read_tokens_per_s"]["median"]
     t = res["setups"]["train-fwd"]["read_tokens_per_s"]["median"]
     p = res["setups"]["eval-padded"]["read_tokens_per_s"]["median"]
-    res["ratios"] = {"eval_over_train_forward": e / t, "eval_over_eval_padded": e / p}
+    d = res["setups"]["eval-disjoint"]["read_tokens_per_s"]["median"]
+    res["ratios"] = {"eval_over_train_forward": e / t, "eval_disjoint_over_train_forward": d / t,
+                     "eval_over_eval_padded": e / p}
     if "lm-eval" in res["setups"]:
         res["ratios"]["eval_scored_over_lm_eval_scored"] = (res["setups"]["eval"]["scored_tokens_per_s"]["median"]
                                                            / res["setups"]["lm-eval"]["scored_tokens_per_s"]["median"])

@@ -30,13 +30,13 @@ def test_bench_eval_quick_measures_every_setup(tmp_path):
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
     res = json.loads(out.read_text())
-    for name in ("eval", "eval-padded", "train-fwd"):
+    for name in ("eval", "eval-disjoint", "eval-padded", "train-fwd"):
         s = res["setups"][name]
         assert s["repeats"] == 1 and s["read_tokens_per_s"]["median"] > 0 and s["scored_tokens_per_s"]["median"] > 0
     assert res["setups"]["eval"]["read_tokens_per_s"]["median"] >= res["setups"]["eval"]["scored_tokens_per_s"]["median"]
     assert res["set"]["documents"] == 4 and res["set"]["books"] == 4
     assert res["nll"]["eval"] == pytest.approx(res["nll"]["eval-padded"], rel=1e-4)
-    assert "eval_over_train_forward" in res["ratios"]
+    assert {"eval_over_train_forward", "eval_disjoint_over_train_forward"} <= set(res["ratios"])
     if "lm-eval" in res["setups"]:  # lm-eval's rolling windows are disjoint: a different but close NLL
         assert res["nll"]["lm-eval"] > 0
     else:
