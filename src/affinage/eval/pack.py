@@ -1,6 +1,6 @@
 """The French evaluation pack: benchmark tasks fetched from the Hub once (login node), run offline.
 
-Each task is one YAML file in the shipped ``recipes/eval/fr/`` folder (``TaskSpec`` below): the Hub
+Each task is one YAML file in the shipped ``recipes/_eval/fr/`` folder (``_``: not a recipe, left out of the catalog) (``TaskSpec`` below): the Hub
 dataset it comes from (id, config, split, optional revision), how one Hub record becomes an
 affinage item (``question``/``choices``/``answer`` for multiple choice, ``context``/``question``/
 ``answers`` for extractive QA — str.format templates over the record's fields), the prompt
@@ -75,7 +75,7 @@ class TaskSpec(Strict):
 def pack_dir(lang: str = PACK_LANG) -> Path:
     from affinage.resources import resource_dir
 
-    return resource_dir("recipes") / "eval" / lang
+    return resource_dir("recipes") / "_eval" / lang
 
 
 def task_names(lang: str = PACK_LANG) -> list[str]:
