@@ -273,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("eval", help="evaluate a run (fine-tuned vs base) or a model folder; writes eval/ and report.md")
     c.add_argument("target", help="run directory, model folder, or a model id found offline")
-    c.add_argument("--tasks", help="comma-separated kinds (perplexity,mcq,generation,lm_eval) or set names (default: all)")
+    c.add_argument("--tasks", help="comma-separated kinds (perplexity,mcq,extractive,generation,lm_eval) or set names (default: all)")
     c.add_argument("--spec", help="YAML file with an eval section: its sets are added to the recipe's (with --replace it is the whole spec)")
     c.add_argument("--ppl", action="append", default=[], metavar="NAME=PATH[,k=v]",
                    help="held-out text to score, added to the recipe's sets (repeatable; options: text_field, role, group_field, max_records)")
@@ -281,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mcq", action="append", default=[], metavar="NAME=PATH[,k=v]",
                    help="multiple-choice JSONL items (repeatable; options: role, template, num_fewshot, question_field, "
                    "choices_field, answer_field, group_field, max_items)")
+    c.add_argument("--qa", action="append", default=[], metavar="NAME=PATH[,k=v]",
+                   help="extractive QA JSONL items scored by exact match and F1 (repeatable; options: role, template, "
+                   "context_field, question_field, answers_field, group_field, max_new_tokens, max_items)")
     c.add_argument("--replace", action="store_true", help="the command line's sets replace the recipe's instead of adding to them")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's recipe, e.g. --set eval.bootstrap=5000 (repeatable)")
     c.add_argument("--prompts", metavar="PATH", help="prompts to complete (.txt, one per line, or .jsonl with 'prompt')")
@@ -313,7 +316,8 @@ def cmd_eval(args) -> int:
     from affinage.evaluate import evaluate
 
     # --spec's sets and the --ppl/--mcq ones are added to the recipe's (--replace: they are the whole spec)
-    extra = combine(load_spec_file(args.spec) if args.spec else None, adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts))
+    extra = combine(load_spec_file(args.spec) if args.spec else None, adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts,
+                                                                                          qa_sets=args.qa))
     results = evaluate(args.target, extra=extra, replace=args.replace, overrides=args.set or (), tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
                        compare_base=False if args.no_base else None, out_dir=args.out, limit=args.limit,
                        batch_size=args.batch_size, device=args.device)

@@ -146,3 +146,33 @@ def test_eval_frictions_command_line_sets_add_set_and_tasks(lora_run, tmp_path, 
     assert "--limit -5" in capsys.readouterr().err
     assert main(["eval", str(run.final), "--mcq", f"x={renamed},colour=blue", "--no-base"]) == 2
     assert "'colour' is not an option of a mcq set" in capsys.readouterr().err
+
+
+def test_eval_qa_on_the_command_line_compares_base_and_reports(lora_run, tmp_path, capsys):
+    """--qa NAME=PATH,key=value adds an extractive set: EM/F1 for both models, the change with its grouped
+    interval in results.json, the console and report.md, and each answer in details.jsonl."""
+    run, _ = lora_run
+    ctx = ("La Cour des comptes a été créée en 1807 par Napoléon Ier. Elle contrôle l'emploi de l'argent public. "
+           "Le Conseil constitutionnel, créé en 1958, veille à la conformité des lois à la Constitution.")
+    qa = write_jsonl(tmp_path / "qa.jsonl", [
+        {"texte": ctx, "question": "En quelle année la Cour des comptes a-t-elle été créée ?", "answers": {"text": ["1807"], "answer_start": [35]}, "article": "cour"},
+        {"texte": ctx, "question": "Par qui la Cour des comptes a-t-elle été créée ?", "answers": ["Napoléon Ier"], "article": "cour"},
+        {"texte": ctx, "question": "Quand le Conseil constitutionnel a-t-il été créé ?", "answers": ["1958", "en 1958"], "article": "conseil"},
+    ])
+    out = tmp_path / "qa-eval"
+    code = main(["eval", str(run.root), "--qa", f"droit-qa={qa},context_field=texte,group_field=article,max_new_tokens=8",
+                 "--tasks", "droit-qa", "--set", "eval.bootstrap=200", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    console = capsys.readouterr().out
+    res = json.loads((out / "eval" / "results.json").read_text())
+    (e,) = res["extractive"]
+    assert e["name"] == "droit-qa" and e["items"] == 3 and e["groups"] == 2
+    assert set(e["delta"]) == {"exact", "f1"} and e["delta"]["f1"]["n_groups"] == 2
+    assert res["perplexity"] == [] and res["mcq"] == []
+    rows = [json.loads(x) for x in (out / "eval" / "details.jsonl").read_text().splitlines()]
+    assert sorted(r["model"] for r in rows if r["kind"] == "extractive") == ["base"] * 3 + ["tuned"] * 3
+    assert "droit-qa" in console and "exact" in console
+    from affinage.provenance.report import write_report
+
+    report = write_report(out, results=res).read_text()  # the report of a run goes to the run; this one from --out's files
+    assert "Extractive question answering" in report and "| droit-qa | domain | 3 in 2 groups |" in report

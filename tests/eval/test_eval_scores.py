@@ -135,3 +135,32 @@ def test_bad_mcq_item_names_its_line(tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [LAW_ITEMS[0], {"question": "Q", "choices": ["a", "b"], "answer": 2}])
     with pytest.raises(DataError, match=r"bad\.jsonl:2: 'answer' must be the index \(0 to 1\)"):
         read_mcq(str(path))
+
+
+# --------------------------------------------------------------------------- packed scoring
+def test_packed_scoring_equals_the_per_document_path(tiny, tmp_path):
+    """Packed rows (varlen attention, one forward per row) give every document the NLL it gets alone,
+    long documents included (windowed exactly as unpacked); MCQ log-likelihoods likewise."""
+    model, tok = tiny
+    docs = texts(legal_file(), n=10, max_chars=150)
+    docs.append(" ".join(texts(legal_file(), n=4)))  # longer than max_length: sliding windows
+    assert len(tok(docs[-1], add_special_tokens=False)["input_ids"]) > 3 * 128
+    meter: dict = {}
+    packed = perplexity.score_texts(model, tok, docs, max_length=128, stride=64, meter=meter)
+    alone = perplexity.score_texts(model, tok, docs, max_length=128, stride=64, packed=False, batch_size=1)
+    for p, a in zip(packed, alone):
+        assert p.tokens == a.tokens and p.tokens > 0
+        assert p.nll == pytest.approx(a.nll, rel=1e-4)
+    # fewer forwards than windows: the rows really are packed, and the meter counts what was read
+    n_windows = sum(len(perplexity.windows(1 + len(tok(d, add_special_tokens=False)["input_ids"]), 128, 64)) for d in docs)
+    assert meter["forwards"] < n_windows and meter["scored"] == sum(p.tokens for p in packed)
+    assert meter["tokens"] >= meter["scored"] and meter["seconds"] > 0
+    assert model.config._attn_implementation == "sdpa"  # varlen attention is switched back afterwards
+
+    items = read_mcq(str(write_jsonl(tmp_path / "law.jsonl", LAW_ITEMS)))
+    template = "Question : {question}\nRéponse :"
+    rows_p = mcq.score_items(model, tok, items, template=template, max_length=128)
+    rows_a = mcq.score_items(model, tok, items, template=template, max_length=128, packed=False, batch_size=1)
+    for rp, ra in zip(rows_p, rows_a):
+        assert rp["loglikelihoods"] == pytest.approx(ra["loglikelihoods"], rel=1e-4)
+        assert rp["prediction"] == ra["prediction"]

@@ -16,7 +16,12 @@ def format_prepare_summary(cache: PreparedCache) -> str:
     for name, src in s["sources"].items():
         kept = src["documents_kept"]
         drops = ", ".join(f"{k} {v['dropped']}" for k, v in src["filters"].items()) or "no filter"
-        lines.append(f"{name:<15} {src['records_read']} read, {kept} kept ({drops}); "
+        sk = src["skipped"]
+        # the same three numbers as data_stats.json: records_read (usable), skipped.count, documents_kept
+        skipped = (f"{sk['count']} skipped as bad ({', '.join(f'{r} {n}' for r, n in sk['reasons'].items())}), "
+                   if sk["count"] else "")
+        lines.append(f"{name:<15} {src['records_read'] + sk['count']} records: {skipped}{src['records_read']} read, "
+                     f"{kept} kept ({drops}); "
                      f"{src['train']['tokens']:,} train tokens, {src['train']['loss_tokens']:,} with loss")
     p = s["packing"]
     tr = p["train"]

@@ -38,11 +38,25 @@ def format_results(results: dict) -> str:
         else:
             line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items, chance {e['chance']:.3f})"
         lines.append(line)
+    for e in results.get("extractive", []):
+        b, t = e.get("base"), e.get("tuned")
+        line = f"{e['name']:<20} {e['role']:<10} exact "
+        if b and t:
+            d = e["delta"]["f1"]
+            line += (f"{b['exact']:.3f} → {t['exact']:.3f}   f1 {b['f1']:.3f} → {t['f1']:.3f}  {d['delta']:+.3f} "
+                     f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] ({_console_verdict(d)})  ({e['items']} items)")
+        else:
+            line += f"{t['exact']:.3f}   f1 {t['f1']:.3f}  ({e['items']} items)"
+        lines.append(line)
     if results.get("generation"):
         lines.append(f"{'generation':<20} {len(results['generation'])} prompts (see the report)")
     le = results.get("lm_eval")
     if le:
         lines.append(f"{'lm-eval':<20} " + (le["skipped"] if "skipped" in le else ", ".join(le["tasks"])))
+    for role, sp in (results.get("speed") or {}).items():
+        if sp.get("tokens_per_s"):
+            lines.append(f"{'speed':<20} {role:<10} {sp['tokens_per_s']:,.0f} tokens/s "
+                         f"({sp['tokens']:,} tokens in {sp['seconds']:.1f} s of scoring)")
     root = results.get("_root")
     if root:
         lines.append(f"{'report':<20} {Path(root) / 'report.md'}")

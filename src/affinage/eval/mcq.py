@@ -97,11 +97,16 @@ def build_requests(tokenizer, items: Sequence[McqItem], *, template: str, num_fe
 
 def score_items(model, tokenizer, items: Sequence[McqItem], *, template: str, num_fewshot: int = 0,
                 pool: Optional[Sequence[McqItem]] = None, max_length: int = 2048, batch_size: int = 8,
-                seed: int = 1234, set_name: str = "") -> list[dict]:
-    """Per item: log-likelihoods of the choices, predictions and the three correctness flags."""
+                seed: int = 1234, set_name: str = "", packed: bool = True, progress: bool = False,
+                meter: Optional[dict] = None) -> list[dict]:
+    """Per item: log-likelihoods of the choices, predictions and the three correctness flags.
+
+    The (item, choice) sequences are packed into rows of ``max_length`` and scored together (``scoring``).
+    """
     requests, _ = build_requests(tokenizer, items, template=template, num_fewshot=num_fewshot, pool=pool,
                                  max_length=max_length, seed=seed, set_name=set_name)
-    scores = score_spans(model, requests, batch_size=batch_size)
+    scores = score_spans(model, requests, batch_size=batch_size, max_length=max_length, packed=packed,
+                         progress=progress, desc=f"mcq {set_name}".strip(), meter=meter)
     out, k = [], 0
     for item in items:
         lls = [s.logprob for s in scores[k : k + len(item.choices)]]

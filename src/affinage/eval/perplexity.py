@@ -58,8 +58,9 @@ def windows(n_ids: int, max_length: int, stride: Optional[int] = None) -> list[t
 
 
 def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int, batch_size: int = 8,
-                stride: Optional[int] = None) -> list[TextScore]:
-    """One :class:`TextScore` per text."""
+                stride: Optional[int] = None, packed: bool = True, progress: bool = False,
+                meter: Optional[dict] = None, desc: str = "perplexity") -> list[TextScore]:
+    """One :class:`TextScore` per text; its windows are packed into rows of ``max_length`` (``scoring``)."""
     prefix = prefix_id(tokenizer)
     requests, owner = [], []
     for t, text in enumerate(texts):
@@ -69,7 +70,8 @@ def score_texts(model, tokenizer, texts: Sequence[str], *, max_length: int, batc
         for s, a, e in windows(len(ids), max_length, stride):
             requests.append((ids[s:e], a - s))
             owner.append(t)
-    scores = score_spans(model, requests, batch_size=batch_size)
+    scores = score_spans(model, requests, batch_size=batch_size, max_length=max_length, packed=packed,
+                         progress=progress, desc=desc, meter=meter)
     nll = [0.0] * len(texts)
     toks = [0] * len(texts)
     for t, sc in zip(owner, scores):

@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from affinage.errors import UserError
-from affinage.eval import harness, mcq, perplexity, preference
+from affinage.eval import extractive, harness, mcq, perplexity, preference
 from affinage.eval.generation import generate
+from affinage.eval.scoring import tokens_per_s
 from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
 from affinage.eval.sets import read_mcq, read_prompts, read_text_set
@@ -30,7 +31,7 @@ from affinage.eval.results import write_results
 from affinage.hashing import FileHasher
 from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
-from affinage.recipe.schema import EvalSpec, McqSetSpec, PerplexitySetSpec
+from affinage.recipe.schema import EvalSpec, ExtractiveSetSpec, McqSetSpec, PerplexitySetSpec
 from affinage.model.load import count_parameters
 
 ROLES = ("base", "tuned")
@@ -40,6 +41,7 @@ class _Data:
     texts: dict[str, list[str]] = field(default_factory=dict)
     groups: dict[str, Optional[list[str]]] = field(default_factory=dict)
     items: dict[str, list] = field(default_factory=dict)
+    qa: dict[str, list] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
     pairs: Optional[list] = None  # held-out preference pairs of a dpo/kto run (eval.preference)
@@ -57,6 +59,11 @@ def _read_data(spec: EvalSpec, limit: Optional[int]) -> _Data:
         d.items[s.name] = read_mcq(s.path, n, group_field=s.group_field, **fields)
         d.groups[s.name] = [it.group for it in d.items[s.name]] if s.group_field else None
         d.pools[s.name] = read_mcq(s.fewshot_path, **fields) if s.fewshot_path else None
+    for s in spec.extractive:
+        n = min(x for x in (s.max_items, limit) if x) if (s.max_items or limit) else None
+        d.qa[s.name] = extractive.read_qa(s.path, n, context_field=s.context_field, question_field=s.question_field,
+                                          answers_field=s.answers_field, group_field=s.group_field)
+        d.groups[s.name] = [it.group for it in d.qa[s.name]] if s.group_field else None
     if spec.generation:
         d.prompts = read_prompts(spec.generation.prompts, spec.generation.path)
         if limit:
@@ -71,23 +78,36 @@ def _say(progress: bool, text: str) -> None:
 
 def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch_size: int, device: str,
                   limit: Optional[int], progress: bool, role: str) -> dict:
-    out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "generation": [], "lm_eval": None}
+    out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "extractive": {}, "generation": [], "lm_eval": None, "speed": {}}
     for s in spec.perplexity:
         t0 = time.monotonic()
+        meter = out["speed"][f"perplexity/{s.name}"] = {}
         scores = perplexity.score_texts(loaded.model, loaded.tokenizer, data.texts[s.name], max_length=max_length,
-                                        batch_size=batch_size)
+                                        batch_size=batch_size, progress=progress, meter=meter,
+                                        desc=f"{role} perplexity {s.name}")
         out["perplexity"][s.name] = scores
         agg = perplexity.aggregate(scores)
         _say(progress, f"{role:<5} perplexity {s.name}: {agg['bits_per_byte']:.4f} bits/byte, "
-                       f"token perplexity {agg['token_perplexity']:.2f} ({time.monotonic() - t0:.1f} s)")
+                       f"token perplexity {agg['token_perplexity']:.2f} ({time.monotonic() - t0:.1f} s, "
+                       f"{tokens_per_s(meter) or 0:,.0f} tokens/s)")
     for s in spec.mcq:
         t0 = time.monotonic()
+        meter = out["speed"][f"mcq/{s.name}"] = {}
         per_item = mcq.score_items(loaded.model, loaded.tokenizer, data.items[s.name], template=s.template,
                                    num_fewshot=s.num_fewshot, pool=data.pools[s.name], max_length=max_length,
-                                   batch_size=batch_size, seed=spec.seed, set_name=s.name)
+                                   batch_size=batch_size, seed=spec.seed, set_name=s.name, progress=progress,
+                                   meter=meter)
         out["mcq"][s.name] = per_item
         agg = mcq.aggregate(per_item)
         _say(progress, f"{role:<5} mcq {s.name}: acc {agg['acc']:.3f}, acc_norm {agg['acc_norm']:.3f} "
+                       f"({agg['items']} items, {time.monotonic() - t0:.1f} s, {tokens_per_s(meter) or 0:,.0f} tokens/s)")
+    for s in spec.extractive:
+        t0 = time.monotonic()
+        per_item = extractive.score_items(loaded.model, loaded.tokenizer, data.qa[s.name], template=s.template,
+                                          max_new_tokens=s.max_new_tokens, max_length=max_length, seed=spec.seed)
+        out["extractive"][s.name] = per_item
+        agg = extractive.aggregate(per_item)
+        _say(progress, f"{role:<5} extractive {s.name}: exact {agg['exact']:.3f}, f1 {agg['f1']:.3f} "
                        f"({agg['items']} items, {time.monotonic() - t0:.1f} s)")
     if spec.generation and data.prompts:
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
@@ -138,6 +158,30 @@ def _mcq_entry(s: McqSetSpec, items, groups, raw: dict, spec: EvalSpec) -> dict:
     if "base" in raw and "tuned" in raw:
         entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]], **boot)
                           for m in ("acc", "acc_norm", "acc_norm_bytes")}
+    return entry
+
+
+def _speed(meters: dict) -> dict:
+    """Tokens read per second of scoring, per set and over all of them (one model)."""
+    out = {k: {"tokens": m["tokens"], "forwards": m["forwards"], "seconds": round(m["seconds"], 3),
+               "tokens_per_s": round(tokens_per_s(m) or 0.0, 1)} for k, m in meters.items() if m}
+    tokens, seconds = sum(m["tokens"] for m in out.values()), sum(m["seconds"] for m in out.values())
+    return {"sets": out, "tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": round(tokens / seconds, 1) if seconds else None}
+
+
+def _extractive_entry(s: ExtractiveSetSpec, items, groups, raw: dict, spec: EvalSpec) -> dict:
+    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
+                             "role": s.role, "items": len(items), "template": s.template, **_grouping(s, groups)}
+    boot = {"groups": groups, "iterations": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed}
+    for role, per_item in raw.items():
+        agg = extractive.aggregate(per_item)
+        for m in ("exact", "f1"):
+            agg[f"{m}_ci"] = mean_ci([r[m] for r in per_item], **boot)
+        entry[role] = agg
+    if "base" in raw and "tuned" in raw:
+        entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]], **boot)
+                          for m in ("exact", "f1")}
     return entry
 
 
@@ -245,9 +289,12 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
                                   spec) for s in spec.perplexity],
         "mcq": [_mcq_entry(s, data.items[s.name], data.groups[s.name], {r: raw[r]["mcq"][s.name] for r in raw}, spec)
                 for s in spec.mcq],
+        "extractive": [_extractive_entry(s, data.qa[s.name], data.groups[s.name],
+                                         {r: raw[r]["extractive"][s.name] for r in raw}, spec) for s in spec.extractive],
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
+        "speed": {r: _speed(raw[r]["speed"]) for r in raw},
         "notes": t.notes,
     }
     if data.pairs is not None:

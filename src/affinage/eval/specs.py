@@ -13,7 +13,7 @@ from affinage.errors import UserError
 from affinage.paths import expand
 from affinage.recipe.schema import EvalSpec
 
-KINDS = ("perplexity", "mcq", "generation", "lm_eval")
+KINDS = ("perplexity", "mcq", "extractive", "generation", "lm_eval")
 
 NO_SPEC = (
     "nothing to evaluate: the recipe has no `eval:` section and no --spec/--ppl/--mcq/--prompts was given. "
@@ -48,6 +48,8 @@ _SET_OPTIONS = {
     "perplexity": ("text_field", "role", "max_records", "group_field"),
     "mcq": ("role", "num_fewshot", "fewshot_path", "template", "max_items", "question_field", "choices_field",
             "answer_field", "group_field"),
+    "extractive": ("role", "template", "context_field", "question_field", "answers_field", "group_field",
+                   "max_new_tokens", "max_items"),
 }
 
 
@@ -69,7 +71,7 @@ def _set_from_cli(text: str, kind: str, flag: str, **fixed) -> dict:
 
 
 def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
-               prompts: Optional[str] = None) -> Optional[EvalSpec]:
+               prompts: Optional[str] = None, qa_sets: Sequence[str] = ()) -> Optional[EvalSpec]:
     """An :class:`EvalSpec` from command-line sets: ``NAME=PATH`` or a bare path, then ``,key=value`` options.
 
     ``--mcq culture=qcm.jsonl,answer_field=answer_index,role=forgetting`` sets what a recipe's
@@ -77,15 +79,16 @@ def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets
     """
     from affinage.recipe.problems import validate
 
-    if not (ppl or forgetting or mcq_sets or prompts):
+    if not (ppl or forgetting or mcq_sets or prompts or qa_sets):
         return None
     data = {
         "perplexity": [_set_from_cli(t, "perplexity", "--ppl") for t in ppl]
         + [_set_from_cli(t, "perplexity", "--forgetting", role="forgetting") for t in forgetting],
         "mcq": [_set_from_cli(t, "mcq", "--mcq") for t in mcq_sets],
+        "extractive": [_set_from_cli(t, "extractive", "--qa") for t in qa_sets],
         "generation": {"path": prompts} if prompts else None,
     }
-    return validate(EvalSpec, data, hint="(from the command line: --ppl, --forgetting, --mcq, --prompts)")
+    return validate(EvalSpec, data, hint="(from the command line: --ppl, --forgetting, --mcq, --qa, --prompts)")
 
 
 def combine(recipe_spec: Optional[EvalSpec], extra: Optional[EvalSpec], replace: bool = False) -> Optional[EvalSpec]:
@@ -102,16 +105,17 @@ def combine(recipe_spec: Optional[EvalSpec], extra: Optional[EvalSpec], replace:
     return recipe_spec.model_copy(update={
         "perplexity": merged(recipe_spec.perplexity, extra.perplexity),
         "mcq": merged(recipe_spec.mcq, extra.mcq),
+        "extractive": merged(recipe_spec.extractive, extra.extractive),
         "generation": extra.generation or recipe_spec.generation,
     })
 
 
 def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
-    """Keep the kinds (perplexity, mcq, generation, lm_eval) or set names listed in ``tasks``."""
+    """Keep the kinds (perplexity, mcq, extractive, generation, lm_eval) or set names listed in ``tasks``."""
     if not tasks:
         return spec
     wanted = {t.strip() for t in tasks if t.strip()}
-    names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq}
+    names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq} | {s.name for s in spec.extractive}
     unknown = wanted - set(KINDS) - names
     if unknown:
         raise UserError(
@@ -121,6 +125,7 @@ def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
     return spec.model_copy(update={
         "perplexity": [s for s in spec.perplexity if "perplexity" in wanted or s.name in wanted],
         "mcq": [s for s in spec.mcq if "mcq" in wanted or s.name in wanted],
+        "extractive": [s for s in spec.extractive if "extractive" in wanted or s.name in wanted],
         "generation": spec.generation if "generation" in wanted else None,
         "lm_eval": spec.lm_eval if "lm_eval" in wanted else None,
     })

@@ -165,6 +165,30 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
             out.append(f"![accuracy, base vs fine-tuned]({png.relative_to(root).as_posix()})\n")
         except Exception as e:
             out.append(f"(accuracy plot failed: {type(e).__name__}: {e})\n")
+    qa = results.get("extractive") or []
+    if qa:
+        out.append("### Extractive question answering (exact match and F1, higher is better)\n")
+        out.append("The model answers greedily, up to the first newline; answers and gold answers are compared after "
+                   "lower-casing and removing punctuation and articles (SQuAD's scoring, French articles), taking the "
+                   "best over the gold answers.\n")
+        if has_base:
+            out += ["| set | role | items | exact base → fine-tuned | F1 base → fine-tuned | F1 change [95% interval] | verdict |",
+                    "|---|---|---:|---|---|---|---|"]
+            for e in qa:
+                d = e["delta"]["f1"]
+                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'items')} | {e['base']['exact']:.3f} → {e['tuned']['exact']:.3f} | "
+                           f"{e['base']['f1']:.3f} → {e['tuned']['f1']:.3f} | {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
+                           f"{mcq_verdict(d)} |")
+        else:
+            out += ["| set | items | exact | F1 |", "|---|---:|---:|---:|"]
+            for e in qa:
+                out.append(f"| {e['name']} | {_units(e, 'items')} | {e['tuned']['exact']:.3f} | {e['tuned']['f1']:.3f} |")
+        out.append("")
+    speed = results.get("speed") or {}
+    if any(v.get("tokens_per_s") for v in speed.values()):
+        out.append("Scoring speed (perplexity and multiple choice, packed rows): " + "; ".join(
+            f"{role} {v['tokens_per_s']:,.0f} tokens/s ({v['tokens']:,} tokens in {v['seconds']:.1f} s)"
+            for role, v in speed.items() if v.get("tokens_per_s")) + ".\n")
     if results.get("preference"):
         from affinage.provenance.preference_report import report_section
 

@@ -566,6 +566,24 @@ class McqSetSpec(Strict):
     max_items: Optional[int] = Field(None, ge=1)
 
 
+class ExtractiveSetSpec(Strict):
+    """Extractive QA (FQuAD/PIAF style) answered greedily, scored by exact match and F1 (``eval.extractive``).
+
+    An item is ``{"context": str, "question": str, "answers": [str, ...]}`` (or SQuAD's ``{"text": [...]}``).
+    """
+
+    name: str
+    path: str
+    role: Literal["domain", "forgetting"] = "domain"
+    context_field: str = "context"
+    question_field: str = "question"
+    answers_field: str = "answers"
+    group_field: Optional[str] = Field(None, description="field naming the unit items come from (e.g. the article); the bootstrap resamples these groups")
+    template: str = Field("Contexte : {context}\n\nQuestion : {question}\n\nRéponse :", description="prompt; {context} and {question} are replaced")
+    max_new_tokens: int = Field(32, ge=1, le=512)
+    max_items: Optional[int] = None
+
+
 class GenerationSpec(Strict):
     """French prompts completed greedily (fixed seed) by both models, shown in the report."""
 
@@ -588,6 +606,7 @@ class EvalSpec(Strict):
 
     perplexity: list[PerplexitySetSpec] = Field(default_factory=list)
     mcq: list[McqSetSpec] = Field(default_factory=list)
+    extractive: list[ExtractiveSetSpec] = Field(default_factory=list)
     generation: Optional[GenerationSpec] = None
     lm_eval: Optional[LmEvalSpec] = None
     compare_base: bool = Field(True, description="evaluate the base model too and report differences with confidence intervals")
@@ -605,7 +624,7 @@ class EvalSpec(Strict):
 
     @model_validator(mode="after")
     def _unique_names(self) -> "EvalSpec":
-        names = [s.name for s in self.perplexity] + [s.name for s in self.mcq]
+        names = [s.name for s in self.perplexity] + [s.name for s in self.mcq] + [s.name for s in self.extractive]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"evaluation set names must be unique (repeated: {', '.join(dup)})")
