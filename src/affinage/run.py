@@ -12,6 +12,7 @@ what happened without any server::
       final/               the trained adapter (LoRA/QLoRA) or model (full), with its tokenizer
       merged/              `affinage merge`: adapter merged into the base, safetensors
       summary.json         what the run did: steps, tokens, losses, time, outputs
+      timing.json          measured step/save seconds and checkpoint/stop decisions, per session
 """
 
 from __future__ import annotations
@@ -91,6 +92,16 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def timing(self) -> Path:
+        """Measured step/save seconds and walltime decisions, one entry per session (train/walltime.py)."""
+        return self.root / "timing.json"
+
+    @property
+    def requeue_request(self) -> Path:
+        """Written by a trainer that stopped on its own clock: the batch script requeues the job."""
+        return self.root / "REQUEUE"
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():

@@ -86,6 +86,11 @@ def comment_text(text: str) -> str:
     )
 
 
+def grace_seconds(job: JobScript) -> int:
+    """Seconds of USR1 warning before the time limit: an upper bound, the trainer's clock may stop it sooner."""
+    return int(job.grace_s if job.grace_s is not None else job.profile.stop_grace_s)
+
+
 def sbatch_options(job: JobScript) -> list[str]:
     """Every ``#SBATCH`` option of the job, in the order a reader checks them."""
     options = [f"--job-name={sbatch_literal(job.job_name, 'job name')}", *job.allocation.sbatch_options()]
@@ -93,7 +98,9 @@ def sbatch_options(job: JobScript) -> list[str]:
         options.append(f"--array=0-{len(job.run_dirs) - 1}")
     options += [f"--output={job.log_pattern}", "--open-mode=append"]
     if job.stage.requeue:
-        options += [f"--signal=B:USR1@{int(job.grace_s or job.profile.stop_grace_s)}", "--requeue"]
+        if grace_seconds(job) > 0:  # 0: no warning signal, the trainer stops on its own clock (train/walltime.py)
+            options.append(f"--signal=B:USR1@{grace_seconds(job)}")
+        options.append("--requeue")
     options.append("--kill-on-invalid-dep=yes")
     return options
 
@@ -123,6 +130,6 @@ def render_job(job: JobScript, template: str = "job.sbatch.j2") -> str:
         stage=job.stage,
         sbatch=sbatch_options(job),
         args=[shell_word(a) for a in job.stage.args],
-        grace=int(job.grace_s or job.profile.stop_grace_s),
+        grace=grace_seconds(job),
         internet=job.profile.compute_internet if job.stage.gpu else job.profile.cpu_jobs.internet,
     )

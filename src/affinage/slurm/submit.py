@@ -144,7 +144,9 @@ def submit(
     profile = profile if isinstance(profile, ClusterProfile) else load_profile(profile)
     stages = pipeline_stages(pipeline)
     gpu_job = profile.allocate(nodes, gpus_per_node, time, qos, account)
-    grace = grace_s or profile.stop_grace_s
+    grace = grace_s if grace_s is not None else profile.stop_grace_s
+    if grace < 0:
+        raise SubmitError(f"--grace {grace}: give seconds of warning before the time limit (0: no signal, the trainer's clock alone)")
     if any(s.requeue for s in stages) and grace * 2 > gpu_job.time_s:
         raise SubmitError(
             f"the stop warning comes {grace} s before the time limit, more than half of --time "

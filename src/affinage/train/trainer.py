@@ -193,6 +193,10 @@ def train(
     use_varlen_attention(model, recipe.data.max_length)
     args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=data.heldout is not None, strategy=strategy)
     stop = StopRequestCallback(run.root / STOP_FILE)
+    from affinage.train.walltime import WalltimeCallback
+
+    t = recipe.training  # after the checkpoint callback: its on_save ends the save timing
+    walltime = WalltimeCallback(run, max_lost_minutes=t.max_lost_minutes, save_every=t.save_every, exit_margin_s=t.exit_margin_s, is_main=is_main)
     trainer = strategy.trainer_class(AffinageTrainer)(  # strategy hook: FSDP2 on CPU, gathered save, runtime report
         model=model,
         args=args,
@@ -204,6 +208,7 @@ def train(
             MetricsFileCallback(run.metrics),
             CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
             stop,
+            walltime,
             *callbacks,
         ],
     )
@@ -212,7 +217,7 @@ def train(
     if resume_from and is_main:
         print(f"affinage: resuming from {resume_from}")
     trainer.train(resume_from_checkpoint=resume_from)
-    completed = stop.stopped_at is None and trainer.state.global_step >= max_steps
+    completed = stop.stopped_at is None and walltime.stopped_at is None and trainer.state.global_step >= max_steps
 
     eval_loss = None
     if data.heldout is not None and completed:
