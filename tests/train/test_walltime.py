@@ -194,3 +194,40 @@ def test_callback_times_one_save_early_when_the_job_has_an_end(tmp_path):
 
 def read_decisions(run: RunDir) -> list[str]:
     return [d["decision"] for d in wt.read_timing(run)[-1]["decisions"]]
+
+
+def test_exit_seconds_requeue_cost_and_eta_from_recorded_sessions():
+    t0 = datetime(2026, 12, 1, 11, 0, 0).astimezone().timestamp()
+    iso = lambda t: datetime.fromtimestamp(t).astimezone().isoformat(timespec="seconds")  # noqa: E731
+    sessions = [
+        {"job_id": "2", "restart_count": 0, "start_step": 0, "end_step": 200, "stopped_at": 200, "max_steps": 500,
+         "ended": t0 + 50, "end_time": t0 + 60, "first_step_after_s": 25.0, "save_seconds_max": 4.0,
+         "step_seconds": 0.1, "save_interval_steps": 100, "save_seconds_used": 4.0},
+        {"job_id": "2", "restart_count": 1, "start_step": 200, "max_steps": 500, "step_seconds": 0.1,
+         "save_interval_steps": 100, "save_seconds_used": 4.0},
+    ]
+    events = [
+        {"event": "started", "job_id": "2", "restart_count": 0, "time": iso(t0)},
+        {"event": "requeued", "job_id": "2", "restart_count": 0, "time": iso(t0 + 62)},
+        {"event": "started", "job_id": "2", "restart_count": 1, "time": iso(t0 + 75)},
+    ]
+    assert wt.exit_seconds(sessions, events) == [12.0]
+    assert wt.requeue_cost_s(sessions[0]) == 25.0 + 4.0 + 10.0
+    assert wt.requeue_cost_s(sessions[1]) is None
+    # from step 250: 250 steps x (0.1 + 4 / 100) s = 35 s, and ceil(250 / 200) - 1 = 1 more requeue of 39 s
+    assert wt.eta_seconds(sessions, 250) == pytest.approx(35.0 + 39.0)
+    assert wt.eta_seconds(sessions, 500) == 0.0
+    assert wt.eta_seconds([], 10) is None
+
+
+def test_exit_time_of_a_past_job_raises_the_margin(tmp_path):
+    from affinage.slurm.status import append_event, jobs_file
+
+    run = RunDir.create(tmp_path / "run")
+    now = time.time()
+    atomic = {"sessions": [{"job_id": "9", "restart_count": 0, "ended": now - 100, "step_seconds": 1.0}]}
+    run.timing.write_text(json.dumps(atomic))
+    append_event(jobs_file(run.root), "requeued", job_id="9", restart_count=0)  # written now: 100 s after the end
+    cb = wt.WalltimeCallback(run, max_lost_minutes=30, save_every=None, exit_margin_s=5, end_time=(None, "t"))
+    assert cb.exits and 99 <= cb.exits[0] <= 102
+    assert cb.margin_s == pytest.approx(wt.SAVE_SAFETY * cb.exits[0])

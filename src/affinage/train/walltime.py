@@ -10,8 +10,8 @@ So the trainer measures what it needs and decides for itself:
 * one early save when a job has an end time and no save was ever timed (the stop needs its time);
 * a save every N steps so that at most ``training.max_lost_minutes`` of work is lost to a crash
   (``training.save_every`` stays an upper bound);
-* a stop, with a checkpoint, as soon as one more step plus a save plus ``training.exit_margin_s``
-  would not fit before the job's end (``SLURM_JOB_END_TIME``, else ``squeue -o %e``). The USR1
+* a stop, with a checkpoint, as soon as one more step plus a save plus the exit margin
+  (``training.exit_margin_s``, raised to what past jobs of the run took to exit) would not fit before the job's end (``SLURM_JOB_END_TIME``, else ``squeue -o %e``). The USR1
   warning then only ever makes the stop earlier.
 
 Everything measured and every decision with its reason go to ``RUN_DIR/timing.json``, one entry per
@@ -136,6 +136,16 @@ def estimate_save_seconds(model) -> float:
     return total / PRIOR_SAVE_BANDWIDTH
 
 
+def process_start() -> Optional[float]:
+    """When this process started (epoch seconds, Linux /proc), for the start-up cost of a job."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def test_save_sleep() -> float:
     """Seconds a checkpoint save sleeps (``AFFINAGE_TEST_SAVE_SLEEP``; test only, default 0)."""
     value = os.environ.get(SAVE_SLEEP_ENV, "").strip()
@@ -160,6 +170,52 @@ def measured(sessions: list[dict]) -> dict:
     steps = [s["step_seconds"] for s in sessions if s.get("step_seconds")]
     saves = [s["save_seconds_max"] for s in sessions if s.get("save_seconds_max")]
     return {"step_seconds": steps[-1] if steps else None, "save_seconds": max(saves) if saves else None}
+
+
+def exit_seconds(sessions: list[dict], events: list[dict]) -> list[float]:
+    """Seconds from each past session's end of training to its job's ``requeued``/``ended`` line in
+    ``slurm/jobs.jsonl``: the summary, provenance and process exit that the exit margin must cover."""
+    from datetime import datetime
+
+    found = []
+    for s in sessions:
+        if not s.get("ended") or not s.get("job_id"):
+            continue
+        for e in events:
+            if e.get("event") in ("requeued", "ended") and str(e.get("job_id")) == str(s["job_id"]) and int(e.get("restart_count", -1)) == s.get("restart_count"):
+                try:
+                    found.append(max(0.0, datetime.fromisoformat(e["time"]).timestamp() - s["ended"]))
+                except (KeyError, ValueError, TypeError):
+                    pass
+                break
+    return found
+
+
+def requeue_cost_s(session: dict) -> Optional[float]:
+    """Time of a job that stopped on the clock and trained nothing: start-up, the final save, the
+    rest to the job's end (the measured part of what each requeue loses)."""
+    if not session.get("stopped_at") or not session.get("end_time") or not session.get("ended"):
+        return None
+    return (session.get("first_step_after_s") or 0.0) + (session.get("save_seconds_max") or 0.0) + max(0.0, session["end_time"] - session["ended"])
+
+
+def eta_seconds(sessions: list[dict], step: Optional[int]) -> Optional[float]:
+    """Seconds to the end of training from ``step``: steps left at the measured pace (periodic saves
+    included), plus one requeue cost per job still needed at the steps a past job managed."""
+    if not sessions or step is None:
+        return None
+    last = sessions[-1]
+    step_s, max_steps = measured(sessions)["step_seconds"], last.get("max_steps")
+    if not step_s or not max_steps:
+        return None
+    left = max(0, max_steps - step)
+    interval, save_s = last.get("save_interval_steps") or 0, last.get("save_seconds_used") or 0.0
+    train_s = left * (step_s + (save_s / interval if interval else 0.0))
+    per_job = [s["end_step"] - s["start_step"] for s in sessions if s.get("stopped_at") and s.get("end_step")]
+    costs = [c for c in (requeue_cost_s(s) for s in sessions) if c is not None]
+    if per_job and costs and left:
+        train_s += max(0, math.ceil(left / max(1, max(per_job))) - 1) * max(costs)
+    return train_s
 
 
 # ----------------------------------------------------------------------------- callback
@@ -214,6 +270,11 @@ class WalltimeCallback(TrainerCallback):
         self.save_prior: Optional[float] = measured(self.previous)["save_seconds"]
         self.prior_source = "previous session" if self.save_prior is not None else None
         self.session: dict = {}
+        from affinage.slurm.status import read_events
+
+        self.exits = exit_seconds(self.previous, read_events(run.root))
+        if self.exits:  # a past job took this long to exit after training: keep room for it
+            self.margin_s = max(self.margin_s, SAVE_SAFETY * max(self.exits))
 
     # ---- measurements
     @property
@@ -269,11 +330,13 @@ class WalltimeCallback(TrainerCallback):
             "start_step": state.global_step,
             "max_steps": state.max_steps,
             "job_id": os.environ.get("SLURM_JOB_ID"),
+            "world_size": int(os.environ.get("WORLD_SIZE", "1")),
             "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0),
             "end_time": self.end,
             "end_source": self.end_source,
             "max_lost_minutes": self.max_lost_s / 60,
             "exit_margin_s": self.margin_s,
+            "exit_seconds_measured": [round(x, 1) for x in self.exits],
             "save_every": self.save_every,
             "save_prior_s": round(self.save_prior, 4) if self.save_prior is not None else None,
             "save_prior_source": self.prior_source,
@@ -286,6 +349,9 @@ class WalltimeCallback(TrainerCallback):
         if self.last_mark is not None:
             self.step_times.append(now - self.last_mark)
         self.steps_seen += 1
+        if self.steps_seen == 1 and self.is_main:
+            started = process_start()
+            self.session["first_step_after_s"] = round(now - started, 3) if started else None  # start-up cost of a job
         step = state.global_step
         step_s, save_s = self.step_seconds, self.save_seconds
         want_save = want_stop = False
