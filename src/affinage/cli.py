@@ -283,7 +283,39 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("name", help="recipe as listed (demo/full/cpt) or its name: (demo-cpt)")
     w.add_argument("dest", help="folder to copy into, keeping the tree's layout (created; existing files are never overwritten)")
     w.set_defaults(func=cmd_recipes_copy)
+
+    c = recipe_cmd("stage", "copy everything a recipe reads (model, data, eval sets, templates) into one folder, "
+                   "with a manifest, and write a recipe pointing there (run where the network is)")
+    c.add_argument("--to", required=True, metavar="DIR", help="folder to stage into (re-running copies nothing twice)")
+    c.add_argument("--download", action="store_true", help="fetch a model that is not on this machine with huggingface_hub")
+    c.add_argument("--write-recipe", metavar="PATH", help="also write the staged recipe here (submit --pipeline: RUN_DIR/recipe.yaml)")
+    c.set_defaults(func=cmd_stage)
+
+    c = recipe_cmd("check-offline", "prove a (staged) recipe needs no network: plan and smoke it in a process with no network")
+    c.add_argument("--steps", type=int, default=2, help="smoke steps (default 2)")
+    c.add_argument("--python-guard-only", action="store_true", help="no network namespace (unshare): only the Python socket guard")
+    c.set_defaults(func=cmd_check_offline)
     return p
+
+
+def cmd_stage(args) -> int:
+    from affinage.stage import format_stage, stage
+
+    result = stage(args.recipe, args.to, overrides=args.set or (), download=args.download)
+    if args.write_recipe:
+        import shutil
+
+        shutil.copyfile(result.recipe, args.write_recipe)
+    print(format_stage(result))
+    return 0
+
+
+def cmd_check_offline(args) -> int:
+    from affinage.offline import check_offline, format_report
+
+    report = check_offline(args.recipe, steps=args.steps, overrides=args.set or (), isolate=not args.python_guard_only)
+    print(format_report(args.recipe, report))
+    return 0
 
 
 def cmd_eval(args) -> int:

@@ -358,7 +358,8 @@ class WalltimeCallback(TrainerCallback):
         why_stop = ""
         if step_s is not None:
             n, why = save_interval(step_s, save_s or 0.0, self.max_lost_s, self.save_every)
-            if self.interval is None or abs(n - self.interval) > 0.1 * self.interval:  # no churn on noise
+            # shorter at once (the bound must hold), longer only past 10% (no churn on noise)
+            if self.interval is None or n < self.interval or n > 1.1 * self.interval:
                 self.interval = n
                 self._decide(step, f"save every {n} steps", why)
             want_save = step - self.last_save_step >= n
