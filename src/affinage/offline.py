@@ -44,7 +44,7 @@ LOG_ENV = "AFFINAGE_OFFLINE_LOG"
 
 # Loaded by every Python child through PYTHONPATH: refuses non-loopback connections, names the caller.
 GUARD = r'''
-import json, os, socket, sys, traceback
+import json, os, socket, sys, sysconfig, traceback
 
 _LOG = os.environ.get("AFFINAGE_OFFLINE_LOG")
 _LOCAL = {"localhost", "127.0.0.1", "::1", "0.0.0.0", "", None}
@@ -56,13 +56,18 @@ def _local(host):
     return host in _LOCAL or (isinstance(host, str) and (host.startswith("127.") or host.endswith(".localhost")))
 
 
+_STDLIB = sysconfig.get_paths()["stdlib"]
+_HTTP = ("/urllib3/", "/requests/", "/httpx/", "/httpcore/", "/h11/", "/anyio/", "/aiohttp/")
+
+
 def _refuse(what, host, port):
     frames = [f for f in traceback.extract_stack()[:-2] if "sitecustomize" not in f.filename]
-    caller = next((f for f in reversed(frames) if "/socket.py" not in f.filename and "/ssl.py" not in f.filename
-                   and "/http/client.py" not in f.filename and "/urllib3/" not in f.filename), frames[-1] if frames else None)
+    # who asked: the innermost frame that is neither the standard library nor an HTTP client library
+    asking = [f for f in frames if not f.filename.startswith(_STDLIB) and not any(h in f.filename for h in _HTTP)]
+    caller = asking[-1] if asking else (frames[-1] if frames else None)
     where = f"{caller.filename}:{caller.lineno}" if caller else "?"
     row = {"what": what, "host": str(host), "port": port, "where": where,
-           "stack": [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-12:]], "argv": sys.argv}
+           "stack": [f"{f.filename}:{f.lineno} {f.name}" for f in frames[-40:]], "argv": sys.argv}
     if _LOG:
         with open(_LOG, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
