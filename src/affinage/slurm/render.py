@@ -40,6 +40,7 @@ class Stage:
     distributed: bool = False  # torchrun on every node with one process per GPU; else one process
     gpu: bool = True  # False: a CPU job on the profile's cpu_jobs nodes
     requeue: bool = False  # stop at the time limit through RUN_DIR/STOP, then requeue
+    needs_internet: bool = False  # refused where the job's nodes have no network (affinage stage)
 
     def __post_init__(self) -> None:
         sbatch_literal(self.name, "stage name")
