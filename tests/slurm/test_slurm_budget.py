@@ -93,3 +93,24 @@ output: {{dir: {tmp_path / 'run'}}}
     flops = training_flops_per_step(plan["params_total"], True, plan["tokens_per_step"])
     assert jobs["world_size"] == 4 and jobs["step_seconds"] == pytest.approx(flops / (989e12 * 0.35 * 4))
     assert "FLOPs estimate" in jobs["step_source"] and jobs["jobs"] == 1
+
+
+def test_status_shows_step_and_save_time_lost_time_per_requeue_and_eta(tmp_path):
+    from affinage.slurm.status import append_event, format_status, jobs_file, run_status
+
+    run = tmp_path / "run"
+    append_event(jobs_file(run), "submitted", stage="train", job_id="999999", trains=True, profile="no-such-profile",
+                 run_dirs=[str(run)], labels=[], array=False)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 250, "loss": 2.5}) + "\n")
+    (run / "timing.json").write_text(json.dumps({"sessions": [
+        {"job_id": "999999", "restart_count": 0, "start_step": 0, "end_step": 200, "stopped_at": 200, "max_steps": 500,
+         "ended": 1000.0, "end_time": 1010.0, "first_step_after_s": 25.0, "save_seconds_max": 4.0, "step_seconds": 0.1,
+         "save_interval_steps": 100, "save_seconds_used": 4.0},
+        {"job_id": "999999", "restart_count": 1, "start_step": 200, "max_steps": 500, "step_seconds": 0.1,
+         "save_interval_steps": 100, "save_seconds_used": 4.0}]}))
+    (row,) = run_status(run)
+    assert row["step_seconds"] == 0.1 and row["save_seconds"] == 4.0
+    assert row["lost_per_requeue_s"] == 25.0 + 4.0 + 10.0
+    assert row["eta_s"] == pytest.approx(250 * (0.1 + 4.0 / 100) + 39.0)
+    text = format_status(run, [row])
+    assert "S/STEP" in text and "LOST/REQUEUE" in text and "0.1s" in text and "39s" in text and "74s" in text
