@@ -179,7 +179,7 @@ def format_chain(e: ChainEstimate, profile_name: str) -> str:
         f"save time       {e.save_seconds:.3g} s ({e.save_source})",
         f"checkpoints     every {e.save_interval} steps ({e.save_why})",
         f"per job         {e.steps_per_job:,} steps; {e.lost_per_requeue_s / 60:.1f} min of each job not training "
-        f"(start-up {e.startup_seconds:.0f} s, final save, exit margin)",
+        f"(start-up {e.startup_seconds:.0f} s, checkpoint saves, exit margin)",
         f"jobs            {e.jobs} (the first and {max(0, e.jobs - 1)} requeue(s)) for {e.steps:,} steps",
         f"GPU-hours       {e.gpu_hours:,.1f} ({_hours(e.wall_seconds)} of wall time × {e.world_size} GPU(s))",
     ]
