@@ -180,6 +180,12 @@ def cmd_prepare(args) -> int:
     return 0
 
 
+def cmd_inspect(args) -> int:
+    from affinage.inspect_data import run_inspect
+
+    return run_inspect(_load(args), samples=args.samples, as_json=args.json, split=args.split)
+
+
 def cmd_merge(args) -> int:
     from affinage.merge import merge_run
 
@@ -241,6 +247,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--force", action="store_true", help="rebuild even if the cache already holds this data")
     c.add_argument("--run-dir", help="run directory for data_stats.json (default: the recipe's output.dir)")
     c.set_defaults(func=cmd_prepare)
+
+    c = recipe_cmd("inspect", "show what the model is trained on: samples of the prepared data with loss-bearing text marked")
+    c.add_argument("--samples", type=int, default=3, help="how many samples (default 3)")
+    c.add_argument("--json", action="store_true", help="one JSON object per sample: segments [{text, loss}] covering it")
+    c.add_argument("--split", choices=["train", "heldout"], default="train")
+    c.set_defaults(func=cmd_inspect)
 
     c = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model (safetensors)")
     c.add_argument("run_dir", help="run directory of a finished LoRA/QLoRA run")
@@ -319,7 +331,8 @@ def cmd_check_offline(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from affinage.eval.runner import adhoc_spec, combine, format_results, load_spec_file
+    from affinage.eval.console import format_results
+    from affinage.eval.specs import adhoc_spec, combine, load_spec_file
     from affinage.evaluate import evaluate
 
     # --spec's sets and the --ppl/--mcq ones are added to the recipe's (--replace: they are the whole spec)

@@ -49,7 +49,6 @@ from affinage.data.filters import ExactDedup, LengthFilter, NearDedup, document_
 from affinage.data.formats import canonical_kind, convert, detect_format
 from affinage.data.packing import Layout, layout_bfd, layout_concat, layout_single, padding_fraction
 from affinage.data.readers import read_source, source_path
-from affinage.data.templates import IGNORE_INDEX
 from affinage.hardware import usable_cpus
 
 NO_LIMIT = 1 << 40
@@ -137,9 +136,9 @@ def _tokenize_one(tokenizer, task: str, max_length: int, packing: str, record: d
     from affinage.data.templates import tokenize_chat, tokenize_text
 
     if task == "sft":
-        s = tokenize_chat(tokenizer, record["messages"], NO_LIMIT)
+        s = tokenize_chat(tokenizer, record["messages"], NO_LIMIT, tools=record.get("tools"))
         ids = np.asarray(s.input_ids, dtype=np.uint32)
-        mask = np.asarray([lab != IGNORE_INDEX for lab in s.labels], dtype=np.uint8)
+        mask = np.asarray(s.loss_mask, dtype=np.uint8)
         full = len(ids)
         return [(ids[:max_length], mask[:max_length])], full, full > max_length
     chunks = tokenize_text(tokenizer, record["text"], NO_LIMIT)
@@ -343,7 +342,7 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str, num_proc: int, 
                 try:
                     if fmt is None:
                         fmt = detect_format(raw.data, spec.text_field, spec.messages_field, raw.where)
-                    record = convert(raw, spec, fmt)
+                    record = convert(raw, spec, fmt, system=data.system)
                 except DataError as e:
                     if data.on_bad_record != "skip":
                         raise

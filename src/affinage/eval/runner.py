@@ -12,7 +12,6 @@ The base is evaluated first, then the tuned model, one model in memory at a time
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,131 +25,15 @@ from affinage.eval.generation import generate
 from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
 from affinage.eval.sets import read_mcq, read_prompts, read_text_set
+from affinage.eval.specs import NO_SPEC, combine, select
+from affinage.eval.results import write_results
 from affinage.hashing import FileHasher
 from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
 from affinage.recipe.schema import EvalSpec, McqSetSpec, PerplexitySetSpec
 from affinage.model.load import count_parameters
 
-KINDS = ("perplexity", "mcq", "generation", "lm_eval")
 ROLES = ("base", "tuned")
-RESULTS_FILE = "results.json"
-DETAILS_FILE = "details.jsonl"
-
-NO_SPEC = (
-    "nothing to evaluate: the recipe has no `eval:` section and no --spec/--ppl/--mcq/--prompts was given. "
-    "Add for example\n"
-    "eval:\n"
-    "  perplexity:\n"
-    "    - {name: domain-heldout, path: data/heldout.jsonl}\n"
-    "    - {name: general, path: data/general.jsonl, role: forgetting}\n"
-    "  mcq:\n"
-    "    - {name: quiz, path: data/quiz.jsonl, num_fewshot: 3}\n"
-    "  generation: {prompts: ['La Constitution de 1958']}\n"
-    "to the recipe (or to a YAML file given with --spec)."
-)
-
-
-def eval_dir(root: Path) -> Path:
-    return Path(root) / "eval"
-
-
-def load_spec_file(path: str) -> EvalSpec:
-    import yaml
-
-    from affinage.recipe.problems import validate
-
-    p = expand(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise UserError(f"--spec {path}: cannot read ({e.strerror})") from None
-    if isinstance(data, dict) and "eval" in data and len(data) == 1:
-        data = data["eval"]
-    return validate(EvalSpec, data, file=p)
-
-
-_SET_OPTIONS = {
-    "perplexity": ("text_field", "role", "max_records", "group_field"),
-    "mcq": ("role", "num_fewshot", "fewshot_path", "template", "max_items", "question_field", "choices_field",
-            "answer_field", "group_field"),
-}
-
-
-def _set_from_cli(text: str, kind: str, flag: str, **fixed) -> dict:
-    """``NAME=PATH[,key=value...]`` (or a bare path) as an eval set's keys; unknown keys are refused."""
-    head, *options = text.split(",")
-    name, sep, path = head.partition("=")
-    if not sep:
-        path, name = head, Path(head).stem
-    entry: dict[str, Any] = {"name": name.strip(), "path": path.strip(), **fixed}
-    for option in options:
-        key, sep, value = option.partition("=")
-        key = key.strip()
-        if not sep or key not in _SET_OPTIONS[kind]:
-            raise UserError(f"{flag} {text!r}: {key!r} is not an option of a {kind} set. Write {flag} NAME=PATH[,key=value…] "
-                            f"with keys among {', '.join(_SET_OPTIONS[kind])} (a value with a comma: use --spec FILE)")
-        entry[key] = int(value) if value.strip().isdigit() else value.replace("\\n", "\n")
-    return entry
-
-
-def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
-               prompts: Optional[str] = None) -> Optional[EvalSpec]:
-    """An :class:`EvalSpec` from command-line sets: ``NAME=PATH`` or a bare path, then ``,key=value`` options.
-
-    ``--mcq culture=qcm.jsonl,answer_field=answer_index,role=forgetting`` sets what a recipe's
-    ``eval.mcq`` entry would (``template`` too, with ``\\n`` for a newline).
-    """
-    from affinage.recipe.problems import validate
-
-    if not (ppl or forgetting or mcq_sets or prompts):
-        return None
-    data = {
-        "perplexity": [_set_from_cli(t, "perplexity", "--ppl") for t in ppl]
-        + [_set_from_cli(t, "perplexity", "--forgetting", role="forgetting") for t in forgetting],
-        "mcq": [_set_from_cli(t, "mcq", "--mcq") for t in mcq_sets],
-        "generation": {"path": prompts} if prompts else None,
-    }
-    return validate(EvalSpec, data, hint="(from the command line: --ppl, --forgetting, --mcq, --prompts)")
-
-
-def combine(recipe_spec: Optional[EvalSpec], extra: Optional[EvalSpec], replace: bool = False) -> Optional[EvalSpec]:
-    """The recipe's eval sets plus the command line's (``replace``: the command line's alone).
-
-    A command-line set with the name of a recipe set replaces that one, so ``--mcq culture=new.jsonl``
-    can point an existing set at another file.
-    """
-    if extra is None or recipe_spec is None or replace:
-        return extra or recipe_spec
-    def merged(mine, theirs):
-        names = {s.name for s in theirs}
-        return [s for s in mine if s.name not in names] + list(theirs)
-    return recipe_spec.model_copy(update={
-        "perplexity": merged(recipe_spec.perplexity, extra.perplexity),
-        "mcq": merged(recipe_spec.mcq, extra.mcq),
-        "generation": extra.generation or recipe_spec.generation,
-    })
-
-
-def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
-    """Keep the kinds (perplexity, mcq, generation, lm_eval) or set names listed in ``tasks``."""
-    if not tasks:
-        return spec
-    wanted = {t.strip() for t in tasks if t.strip()}
-    names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq}
-    unknown = wanted - set(KINDS) - names
-    if unknown:
-        raise UserError(
-            f"--tasks: unknown {', '.join(sorted(unknown))}. Valid: {', '.join(KINDS)}"
-            + (f", or set names {', '.join(sorted(names))}" if names else "")
-        )
-    return spec.model_copy(update={
-        "perplexity": [s for s in spec.perplexity if "perplexity" in wanted or s.name in wanted],
-        "mcq": [s for s in spec.mcq if "mcq" in wanted or s.name in wanted],
-        "generation": spec.generation if "generation" in wanted else None,
-        "lm_eval": spec.lm_eval if "lm_eval" in wanted else None,
-    })
-
 
 @dataclass
 class _Data:
@@ -363,72 +246,3 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     results["_root"] = str(root)
     results["_run_dir"] = str(t.root) if t.run is not None else None
     return results
-
-
-def write_results(root: Path, results: dict, raw: dict, data: _Data, spec: EvalSpec) -> Path:
-    from affinage.provenance.secrets import write_json, write_text
-
-    out = eval_dir(root)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for role, r in raw.items():
-        for name, scores in r["perplexity"].items():
-            for i, sc in enumerate(scores):
-                lines.append({"model": role, "kind": "perplexity", "set": name, "index": i, **sc.as_dict()})
-        for name, per_item in r["mcq"].items():
-            for i, row in enumerate(per_item):
-                lines.append({"model": role, "kind": "mcq", "set": name, "index": i, **row})
-        for i, text in enumerate(r["generation"] or []):
-            lines.append({"model": role, "kind": "generation", "index": i, "prompt": data.prompts[i], "output": text})
-    write_text(out / DETAILS_FILE, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-    return write_json(out / RESULTS_FILE, {k: v for k, v in results.items() if not k.startswith("_")})
-
-
-def read_results(root: Path) -> Optional[dict]:
-    p = eval_dir(root) / RESULTS_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
-
-
-def _console_verdict(d: dict) -> str:
-    if d.get("too_few"):
-        return f"too few to tell: {d['n_groups']} groups" if "n_groups" in d else f"too few to tell: {d['n']} units"
-    return "real" if d["excludes_zero"] else "not established"
-
-
-def format_results(results: dict) -> str:
-    """The console summary (the report has the same numbers with plots)."""
-    lines = ["", "── affinage eval " + "─" * 43]
-    for e in results.get("perplexity", []):
-        b, t = e.get("base"), e.get("tuned")
-        line = f"{e['name']:<20} {e['role']:<10} bits/byte "
-        if b and t:
-            d = e["delta"]["bits_per_byte"]
-            rel = d["relative"]
-            verdict = _console_verdict(d)
-            line += (f"{b['bits_per_byte']:.4f} → {t['bits_per_byte']:.4f}  {rel['delta'] * 100:+.1f}% "
-                     f"[{rel['ci_low'] * 100:+.1f}%, {rel['ci_high'] * 100:+.1f}%] ({verdict})")
-        else:
-            line += f"{t['bits_per_byte']:.4f}"
-        lines.append(line)
-    for e in results.get("mcq", []):
-        b, t = e.get("base"), e.get("tuned")
-        line = f"{e['name']:<20} {e['role']:<10} acc "
-        if b and t:
-            d = e["delta"]["acc"]
-            line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
-                     f"({_console_verdict(d)})   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  "
-                     f"({e['items']} items, chance {e['chance']:.3f})")
-        else:
-            line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items, chance {e['chance']:.3f})"
-        lines.append(line)
-    if results.get("generation"):
-        lines.append(f"{'generation':<20} {len(results['generation'])} prompts (see the report)")
-    le = results.get("lm_eval")
-    if le:
-        lines.append(f"{'lm-eval':<20} " + (le["skipped"] if "skipped" in le else ", ".join(le["tasks"])))
-    root = results.get("_root")
-    if root:
-        lines.append(f"{'report':<20} {Path(root) / 'report.md'}")
-        lines.append(f"{'results':<20} {eval_dir(Path(root)) / RESULTS_FILE}")
-    lines.append(f"{'time':<20} {results.get('seconds', 0):.0f} s")
-    return "\n".join(lines)

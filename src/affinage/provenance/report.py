@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from affinage.eval.runner import eval_dir, read_results
+from affinage.eval.results import eval_dir, read_results
 from affinage.provenance import plots
 
 REPORT_FILE = "report.md"

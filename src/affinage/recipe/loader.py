@@ -237,7 +237,8 @@ def _resolve_paths(doc: _Doc) -> None:
     Rule: ``data.sources[*].path`` always; ``model.chat_template`` when it ends in ``.jinja``
     (otherwise it names a built-in template); ``model.name_or_path`` and ``model.tokenizer`` only
     when they start with ``./`` or ``../`` (otherwise they may be Hugging Face ids like
-    ``org/name``). A path written in a recipe file is relative to that file's folder (a base file's
+    ``org/name``) — or when they name an existing folder relative to where they were written (then
+    the run records the folder, not a path that means something else from another directory). A path written in a recipe file is relative to that file's folder (a base file's
     folder for keys it defined); one given with ``--set`` or in a dict is relative to the CWD.
     Absolute paths and paths starting with ``$`` or ``~`` are left as written: environment
     variables are expanded where the recipe runs, not here. Paths need not exist yet.
@@ -261,6 +262,11 @@ def _resolve_paths(doc: _Doc) -> None:
         for sub, key in (("generation", "path"), ("lm_eval", "include_path")):
             if isinstance(ev.get(sub), dict) and ev[sub].get(key):
                 candidates.append((("eval", sub, key), str(ev[sub][key]).startswith(local)))
+    for key in (("model", "name_or_path"), ("model", "tokenizer")):  # a local folder written without ./
+        value = doc.get(key)
+        if isinstance(value, str) and value and not value.startswith(local) and value[0] not in "$~" \
+                and not os.path.isabs(value) and (doc.origin(key).folder / value).is_dir():
+            candidates.append((key, True))  # recorded absolute, so eval and provenance work from any folder
     for path, applies in candidates:
         value = doc.get(path)
         if applies and isinstance(value, str) and value and not os.path.isabs(value) and value[0] not in "$~":

@@ -107,16 +107,32 @@ class MethodSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- data
+#: record fields a source's ``columns`` may map (canonical name -> the dataset's field); data.formats reads them
+COLUMN_KEYS = ("text", "messages", "conversations", "instruction", "input", "output", "system", "tools",
+               "role", "content", "from", "value")
+
+
 class SourceSpec(Strict):
     path: str = Field(description="a .jsonl/.json file, a .parquet file, a folder of .txt files, or a datasets.save_to_disk folder")
-    format: Literal["auto", "text", "chat", "alpaca"] = "auto"
+    format: Literal["auto", "text", "chat", "alpaca", "sharegpt"] = "auto"
     weight: float = Field(1.0, description="repeat factor: 0.5 keeps half the records, 2 uses them twice")
     name: Optional[str] = None
     text_field: str = "text"
     messages_field: str = "messages"
+    columns: Optional[dict[str, str]] = Field(
+        None, description="the dataset's field names, canonical -> yours: {messages: dialogue, content: text, from: speaker, ...}"
+    )
     max_records: Optional[int] = None
     licence: Optional[str] = Field(None, description="SPDX id or free text, copied into the data manifest and model card")
     origin: Optional[str] = Field(None, description="where the data comes from (URL, repository and commit, ...)")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        bad = sorted(set(v or {}) - set(COLUMN_KEYS))
+        if bad:
+            raise ValueError(f"columns maps unknown field(s) {bad}; the canonical names are {', '.join(COLUMN_KEYS)}")
+        return v
 
     @field_validator("weight")
     @classmethod
@@ -203,6 +219,9 @@ class DataSpec(Strict):
     )
     num_proc: Optional[int] = Field(None, description="tokenization processes (default: the CPU cores this process may use)")
     filters: FilterSpec = Field(default_factory=FilterSpec)
+    system: Literal["keep", "merge_into_first_user", "drop"] = Field(
+        "keep", description="a conversation's system message: keep, fold into the first user turn (templates that refuse one), or drop"
+    )
     decontamination: Optional[DecontaminationSpec] = None
 
     @field_validator("num_proc")
