@@ -51,6 +51,19 @@ def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """Every JSON line of an append-only file, oldest first; a line cut short by a killed writer is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
 @dataclass(frozen=True)
 class RunDir:
     root: Path
@@ -97,6 +110,11 @@ class RunDir:
     def timing(self) -> Path:
         """Measured step/save seconds and walltime decisions, one entry per session (train/walltime.py)."""
         return self.root / "timing.json"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """Append-only events of the run's SLURM jobs (submitted, started, requeued, ended: slurm/status.py)."""
+        return self.root / "slurm" / "jobs.jsonl"
 
     @property
     def requeue_request(self) -> Path:

@@ -221,13 +221,14 @@ def test_exit_seconds_requeue_cost_and_eta_from_recorded_sessions():
 
 
 def test_exit_time_of_a_past_job_raises_the_margin(tmp_path):
-    from affinage.slurm.status import append_event, jobs_file
+    from affinage.slurm.status import append_event, jobs_file, read_events
 
     run = RunDir.create(tmp_path / "run")
     now = time.time()
     atomic = {"sessions": [{"job_id": "9", "restart_count": 0, "ended": now - 100, "step_seconds": 1.0}]}
     run.timing.write_text(json.dumps(atomic))
     append_event(jobs_file(run.root), "requeued", job_id="9", restart_count=0)  # written now: 100 s after the end
-    cb = wt.WalltimeCallback(run, max_lost_minutes=30, save_every=None, exit_margin_s=5, end_time=(None, "t"))
+    cb = wt.WalltimeCallback(run, max_lost_minutes=30, save_every=None, exit_margin_s=5, end_time=(None, "t"),
+                             events=read_events(run.root))
     assert cb.exits and 99 <= cb.exits[0] <= 102
     assert cb.margin_s == pytest.approx(wt.SAVE_SAFETY * cb.exits[0])

@@ -26,7 +26,9 @@ _FIELD = re.compile(r"(?:^|\s)(JobId|ArrayJobId|ArrayTaskId|JobState|Reason|Rest
 
 
 def jobs_file(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "slurm" / "jobs.jsonl"
+    from affinage.run import RunDir
+
+    return RunDir(Path(run_dir)).slurm_jobs
 
 
 def append_event(path: Path, event: str, **fields) -> None:
@@ -39,16 +41,9 @@ def append_event(path: Path, event: str, **fields) -> None:
 
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
     """Every event of a run, oldest first; a line cut short by a killed writer is skipped."""
-    path = jobs_file(run_dir)
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+    from affinage.run import read_jsonl
+
+    return read_jsonl(jobs_file(run_dir))
 
 
 # ------------------------------------------------------------------------------------ scontrol

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from affinage.recipe.schema import Recipe
-from affinage.run import RunDir, atomic_write_json
+from affinage.run import RunDir, atomic_write_json, read_jsonl
 from affinage.hardware import use_bf16
 
 STOP_FILE = "STOP"
@@ -196,7 +196,8 @@ def train(
     from affinage.train.walltime import WalltimeCallback
 
     t = recipe.training  # after the checkpoint callback: its on_save ends the save timing
-    walltime = WalltimeCallback(run, max_lost_minutes=t.max_lost_minutes, save_every=t.save_every, exit_margin_s=t.exit_margin_s, is_main=is_main)
+    walltime = WalltimeCallback(run, max_lost_minutes=t.max_lost_minutes, save_every=t.save_every, exit_margin_s=t.exit_margin_s,
+                                is_main=is_main, events=read_jsonl(run.slurm_jobs))
     trainer = strategy.trainer_class(AffinageTrainer)(  # strategy hook: FSDP2 on CPU, gathered save, runtime report
         model=model,
         args=args,

@@ -28,7 +28,7 @@ import subprocess
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 from transformers import TrainerCallback
 
@@ -236,7 +236,8 @@ class WalltimeCallback(TrainerCallback):
     """Measures step/save seconds, adds saves so little work is lost, and stops before the job's end.
 
     Place it after the callbacks that finish a checkpoint (its ``on_save`` ends the save timing).
-    ``clock`` and ``end_time`` are for tests.
+    ``events`` are the run's ``slurm/jobs.jsonl`` lines (past jobs' exit times); ``clock`` and
+    ``end_time`` are for tests.
     """
 
     def __init__(
@@ -249,6 +250,7 @@ class WalltimeCallback(TrainerCallback):
         clock: Callable[[], float] = time.time,
         end_time: Optional[tuple[Optional[float], str]] = None,
         is_main: bool = True,
+        events: Sequence[dict] = (),
     ):
         self.run = run
         self.max_lost_s = max_lost_minutes * 60
@@ -270,9 +272,7 @@ class WalltimeCallback(TrainerCallback):
         self.save_prior: Optional[float] = measured(self.previous)["save_seconds"]
         self.prior_source = "previous session" if self.save_prior is not None else None
         self.session: dict = {}
-        from affinage.slurm.status import read_events
-
-        self.exits = exit_seconds(self.previous, read_events(run.root))
+        self.exits = exit_seconds(self.previous, list(events))
         if self.exits:  # a past job took this long to exit after training: keep room for it
             self.margin_s = max(self.margin_s, SAVE_SAFETY * max(self.exits))
 
