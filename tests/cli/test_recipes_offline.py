@@ -26,7 +26,7 @@ def test_staged_real_recipe_passes_check_offline(rel, cluster_env, monkeypatch, 
     out = tmp_path / "staged"
     assert main(["stage", str(REPO / "recipes" / rel), "--to", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
-    assert any(f["key"] == "model.name_or_path" and f["path"].endswith("tokenizer.json") for f in manifest["files"])
+    assert any(f["key"] == "model.name_or_path" and f["path"].endswith("/config.json") for f in manifest["files"])
     assert any(f["key"] == "data.sources.0.path" for f in manifest["files"])
     monkeypatch.delenv("DSDIR")  # the staged recipe needs neither the mirror nor the data under the old $WORK
     monkeypatch.setenv("WORK", str(tmp_path / "empty-work"))  # output.dir still names $WORK, as on the cluster

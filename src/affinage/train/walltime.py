@@ -257,7 +257,9 @@ class WalltimeCallback(TrainerCallback):
         self.save_every = save_every
         self.margin_s = exit_margin_s
         self.clock = clock
-        self.end, self.end_source = end_time if end_time is not None else job_end_time()
+        if end_time is None:  # one clock (and one squeue call) per job: every rank takes rank 0's stop (_agree)
+            end_time = job_end_time() if is_main else (None, "rank 0 keeps the clock")
+        self.end, self.end_source = end_time
         self.is_main = is_main
         self.step_times: list[float] = []
         self.save_times: list[float] = []
