@@ -298,6 +298,10 @@ class TrainingSpec(Strict):
     eval_every: Optional[int] = Field(None, description="evaluate the held-out split every N steps")
     max_lost_minutes: float = Field(30.0, gt=0, description="checkpoint often enough that a crash loses at most this much work (measured step and save times; save_every stays an upper bound)")
     exit_margin_s: float = Field(60.0, ge=0, description="seconds kept after the last checkpoint for the job to exit before its SLURM time limit")
+    eval_on_start: bool = Field(
+        False, description="also evaluate the held-out split before the first step: the untouched model's held-out "
+        "loss (step 0 in metrics.jsonl), the baseline the final held-out loss is compared with"
+    )
     report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @field_validator("duration", mode="before")
@@ -567,6 +571,8 @@ class Recipe(Strict):
             raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
         if self.training.eval_every and self.data.heldout_fraction == 0:
             raise ValueError("training.eval_every is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
+        if self.training.eval_on_start and self.data.heldout_fraction == 0:
+            raise ValueError("training.eval_on_start is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
         if self.task == "sft" and self.data.packing == "concat":
             raise ValueError(
                 "data.packing: concat with task: sft — concatenation cuts conversations at row boundaries; "

@@ -99,6 +99,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
         save_total_limit=None,  # rotation happens after the COMPLETE marker (callbacks.py)
         eval_strategy="steps" if (has_eval and t.eval_every) else "no",
         eval_steps=t.eval_every,
+        eval_on_start=has_eval and t.eval_on_start,  # the base model's held-out loss, logged at step 0
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=bf16,
@@ -130,7 +131,7 @@ def train(
     """
     from transformers.trainer_callback import ProgressCallback
 
-    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.data.prepare import prepare
     from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer
