@@ -146,9 +146,24 @@ def _relaunch_train(args, recipe, nproc: int) -> int:
 def cmd_plan(args) -> int:
     from affinage.plan import check_fits, format_plan, make_plan
 
+    profile = None
+    if args.cluster:  # the job chain on a cluster: its GPUs per job set the world size (affinage.slurm.budget)
+        from affinage.slurm.profiles import load_profile
+
+        profile = load_profile(args.cluster)
+        args.world_size = profile.allocate(args.nodes, args.gpus_per_node, args.time, args.qos, account="plan").world_size
+        args.gpu = args.gpu or profile.gpu_kind
+    elif args.budget_hours is not None:
+        raise _usage_error("--budget-hours needs --cluster PROFILE (GPU-hours depend on the GPUs per job and the time limit)")
     recipe = _load(args, world_size=args.world_size)
     plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
     check_fits(plan)
+    chain = None
+    if profile is not None:
+        from affinage.slurm.budget import format_chain, plan_chain
+
+        chain = plan_chain(plan, profile, time=args.time, nodes=args.nodes, gpus_per_node=args.gpus_per_node, qos=args.qos,
+                           budget_hours=args.budget_hours, timing_from=args.timing_from)
     if recipe.distributed.sharded:
         from affinage.distributed.configs import config_path, model_hidden_size, render
 
@@ -157,14 +172,16 @@ def cmd_plan(args) -> int:
                hidden_size=model_hidden_size(recipe))
         plan.notes.append(f"distributed config {config_path(recipe)}: filled from the recipe and checked")
     if args.json:
-        print(json.dumps(plan.as_dict(), indent=2))
+        print(json.dumps({**plan.as_dict(), "jobs": chain.as_dict() if chain else None}, indent=2, default=str))
         return 0
     from affinage.recipe.loader import dump_resolved
 
     if args.show_recipe:
         print(dump_resolved(recipe))
     print(format_plan(plan))
-    return 0
+    if chain is not None:
+        print(format_chain(chain, profile.name))
+    return 0 if chain is None or chain.fits_budget is not False else 4
 
 
 def cmd_smoke(args) -> int:
@@ -244,6 +261,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--gpu", choices=sorted(GPU_MEMORY_GIB), help="GPU kind: say whether each strategy fits its memory")
     c.add_argument("--json", action="store_true", help="machine-readable output")
     c.add_argument("--show-recipe", action="store_true", help="print the resolved recipe too")
+    c.add_argument("--cluster", help="cluster profile: also estimate the requeued jobs and GPU-hours the run takes there")
+    c.add_argument("--budget-hours", type=float, help="GPU-hours allocated (Jean Zay counts them per partition): exit 4 when the run does not fit")
+    c.add_argument("--time", help="with --cluster: time limit per job HH:MM:SS (default: the longest the QoS allows)")
+    c.add_argument("--qos", help="with --cluster: QoS or partition")
+    c.add_argument("--nodes", type=int, default=1, help="with --cluster: nodes per job (default 1)")
+    c.add_argument("--gpus-per-node", type=int, help="with --cluster: GPUs per node (default: the whole node)")
+    c.add_argument("--timing-from", metavar="RUN_DIR", help="with --cluster: read measured step/save times from this run's "
+                   "timing.json (default: the recipe's own run directory)")
     c.set_defaults(func=cmd_plan)
 
     c = recipe_cmd("smoke", "run the recipe's whole pipeline on CPU with a tiny model of the same architecture")
@@ -307,7 +332,39 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("name", help="recipe as listed (demo/full/cpt) or its name: (demo-cpt)")
     w.add_argument("dest", help="folder to copy into, keeping the tree's layout (created; existing files are never overwritten)")
     w.set_defaults(func=cmd_recipes_copy)
+
+    c = recipe_cmd("stage", "copy everything a recipe reads (model, data, eval sets, templates) into one folder, "
+                   "with a manifest, and write a recipe pointing there (run where the network is)")
+    c.add_argument("--to", required=True, metavar="DIR", help="folder to stage into (re-running copies nothing twice)")
+    c.add_argument("--download", action="store_true", help="fetch a model that is not on this machine with huggingface_hub")
+    c.add_argument("--write-recipe", metavar="PATH", help="also write the staged recipe here (submit --pipeline: RUN_DIR/recipe.yaml)")
+    c.set_defaults(func=cmd_stage)
+
+    c = recipe_cmd("check-offline", "prove a (staged) recipe needs no network: plan and smoke it in a process with no network")
+    c.add_argument("--steps", type=int, default=2, help="smoke steps (default 2)")
+    c.add_argument("--python-guard-only", action="store_true", help="no network namespace (unshare): only the Python socket guard")
+    c.set_defaults(func=cmd_check_offline)
     return p
+
+
+def cmd_stage(args) -> int:
+    from affinage.stage import format_stage, stage
+
+    result = stage(args.recipe, args.to, overrides=args.set or (), download=args.download)
+    if args.write_recipe:
+        import shutil
+
+        shutil.copyfile(result.recipe, args.write_recipe)
+    print(format_stage(result))
+    return 0
+
+
+def cmd_check_offline(args) -> int:
+    from affinage.offline import check_offline, format_report
+
+    report = check_offline(args.recipe, steps=args.steps, overrides=args.set or (), isolate=not args.python_guard_only)
+    print(format_report(args.recipe, report))
+    return 0
 
 
 def cmd_eval(args) -> int:

@@ -12,6 +12,7 @@ what happened without any server::
       final/               the trained adapter (LoRA/QLoRA) or model (full), with its tokenizer
       merged/              `affinage merge`: adapter merged into the base, safetensors
       summary.json         what the run did: steps, tokens, losses, time, outputs
+      timing.json          measured step/save seconds and checkpoint/stop decisions, per session
 """
 
 from __future__ import annotations
@@ -48,6 +49,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every JSON line of an append-only file, oldest first; a line cut short by a killed writer is skipped."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
 
 
 @dataclass(frozen=True)
@@ -91,6 +105,21 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def timing(self) -> Path:
+        """Measured step/save seconds and walltime decisions, one entry per session (train/walltime.py)."""
+        return self.root / "timing.json"
+
+    @property
+    def slurm_jobs(self) -> Path:
+        """Append-only events of the run's SLURM jobs (submitted, started, requeued, ended: slurm/status.py)."""
+        return self.root / "slurm" / "jobs.jsonl"
+
+    @property
+    def requeue_request(self) -> Path:
+        """Written by a trainer that stopped on its own clock: the batch script requeues the job."""
+        return self.root / "REQUEUE"
 
     def read_metrics(self) -> list[dict]:
         if not self.metrics.exists():

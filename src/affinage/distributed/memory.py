@@ -49,6 +49,22 @@ GPU_MEMORY_GIB = {
     "a10": 24,
     "rtx4090": 24,
 }
+
+# Dense bf16 tensor peak per GPU in TFLOP/s (vendor data sheets; V100: fp16, it has no bf16; SXM parts),
+# for `affinage plan --cluster` when no step time was measured.
+GPU_PEAK_TFLOPS = {
+    "h200": 989,
+    "h100": 989,
+    "a100-80": 312,
+    "a100-40": 312,
+    "v100-32": 125,
+    "v100-16": 125,
+    "mi250x": 191,  # one GCD
+    "l40s": 362,
+    "a10": 125,
+    "rtx4090": 165,
+}
+
 CONTEXT_GIB = 1.0  # CUDA/ROCm context and libraries
 MARGIN = 0.10  # fragmentation and buffers not modelled
 

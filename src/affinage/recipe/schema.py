@@ -363,6 +363,8 @@ class TrainingSpec(Strict):
     save_every: Optional[int] = Field(None, description="checkpoint every N optimizer steps (default: only at the end)")
     keep_checkpoints: int = Field(2, description="complete checkpoints kept on disk (oldest deleted first)")
     eval_every: Optional[int] = Field(None, description="evaluate the held-out split every N steps")
+    max_lost_minutes: float = Field(30.0, gt=0, description="checkpoint often enough that a crash loses at most this much work (measured step and save times; save_every stays an upper bound)")
+    exit_margin_s: float = Field(60.0, ge=0, description="seconds kept after the last checkpoint for the job to exit before its SLURM time limit")
     eval_on_start: bool = Field(
         False, description="also evaluate the held-out split before the first step: the untouched model's held-out "
         "loss (step 0 in metrics.jsonl), the baseline the final held-out loss is compared with"

@@ -89,7 +89,7 @@ def add_commands(subparsers) -> None:
     c.add_argument("--sweep", action="append", metavar="KEY=V1,V2", help="one job per value, as a job array (repeatable: grid)")
     c.add_argument("--pipeline", default="train", help="stages, in order, e.g. prepare,train,eval (default: train)")
     c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
-    c.add_argument("--grace", type=int, help="seconds between the stop warning and the time limit (default: profile's)")
+    c.add_argument("--grace", type=int, help="seconds between the USR1 stop warning and the time limit (default: profile's; 0: no signal). An upper bound: the trainer also stops on its own clock, from measured step and save times")
     c.add_argument("--dry-run", action="store_true", help="write the scripts and resolved recipes, submit nothing")
     c.set_defaults(func=cmd_submit)
 

@@ -145,6 +145,7 @@ class ClusterProfile(_Strict):
     constraint: Optional[str] = None
     partition: Optional[str] = Field(None, description="fixed partition for GPU jobs (when queues.flag is qos)")
     gpus_per_node: int = Field(ge=0, description="GPUs per node; 0 for a CPU cluster")
+    gpu_kind: Optional[str] = Field(None, description="GPU model (a key of affinage.distributed.memory.GPU_MEMORY_GIB), for plan --cluster")
     gpu_flag: Literal["gres", "gpus-per-node"] = "gres"
     processes_per_node: Optional[int] = Field(None, ge=1, description="processes per node on a CPU cluster")
     cpus_per_process: int = Field(ge=1, description="CPUs asked per GPU (per process on a CPU cluster)")
@@ -159,6 +160,15 @@ class ClusterProfile(_Strict):
     python: Optional[str] = Field(None, description="Python command on compute nodes; default: the submitting interpreter")
     storage: Storage
     env: dict[str, str] = Field(default_factory=dict, description="exported in every job (NCCL, network)")
+
+    @field_validator("gpu_kind")
+    @classmethod
+    def _gpu_kind(cls, v: Optional[str]) -> Optional[str]:
+        from affinage.distributed.memory import GPU_MEMORY_GIB
+
+        if v is not None and v not in GPU_MEMORY_GIB:
+            raise ValueError(f"unknown GPU kind {v!r}; known: {', '.join(GPU_MEMORY_GIB)}")
+        return v
 
     @field_validator("name")
     @classmethod

@@ -40,6 +40,7 @@ class Stage:
     distributed: bool = False  # torchrun on every node with one process per GPU; else one process
     gpu: bool = True  # False: a CPU job on the profile's cpu_jobs nodes
     requeue: bool = False  # stop at the time limit through RUN_DIR/STOP, then requeue
+    needs_internet: bool = False  # refused where the job's nodes have no network (affinage stage)
 
     def __post_init__(self) -> None:
         sbatch_literal(self.name, "stage name")
@@ -86,6 +87,11 @@ def comment_text(text: str) -> str:
     )
 
 
+def grace_seconds(job: JobScript) -> int:
+    """Seconds of USR1 warning before the time limit: an upper bound, the trainer's clock may stop it sooner."""
+    return int(job.grace_s if job.grace_s is not None else job.profile.stop_grace_s)
+
+
 def sbatch_options(job: JobScript) -> list[str]:
     """Every ``#SBATCH`` option of the job, in the order a reader checks them."""
     options = [f"--job-name={sbatch_literal(job.job_name, 'job name')}", *job.allocation.sbatch_options()]
@@ -93,7 +99,9 @@ def sbatch_options(job: JobScript) -> list[str]:
         options.append(f"--array=0-{len(job.run_dirs) - 1}")
     options += [f"--output={job.log_pattern}", "--open-mode=append"]
     if job.stage.requeue:
-        options += [f"--signal=B:USR1@{int(job.grace_s or job.profile.stop_grace_s)}", "--requeue"]
+        if grace_seconds(job) > 0:  # 0: no warning signal, the trainer stops on its own clock (train/walltime.py)
+            options.append(f"--signal=B:USR1@{grace_seconds(job)}")
+        options.append("--requeue")
     options.append("--kill-on-invalid-dep=yes")
     return options
 
@@ -123,6 +131,6 @@ def render_job(job: JobScript, template: str = "job.sbatch.j2") -> str:
         stage=job.stage,
         sbatch=sbatch_options(job),
         args=[shell_word(a) for a in job.stage.args],
-        grace=int(job.grace_s or job.profile.stop_grace_s),
+        grace=grace_seconds(job),
         internet=job.profile.compute_internet if job.stage.gpu else job.profile.cpu_jobs.internet,
     )

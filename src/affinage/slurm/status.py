@@ -26,7 +26,9 @@ _FIELD = re.compile(r"(?:^|\s)(JobId|ArrayJobId|ArrayTaskId|JobState|Reason|Rest
 
 
 def jobs_file(run_dir: str | os.PathLike) -> Path:
-    return Path(run_dir) / "slurm" / "jobs.jsonl"
+    from affinage.run import RunDir
+
+    return RunDir(Path(run_dir)).slurm_jobs
 
 
 def append_event(path: Path, event: str, **fields) -> None:
@@ -39,16 +41,9 @@ def append_event(path: Path, event: str, **fields) -> None:
 
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
     """Every event of a run, oldest first; a line cut short by a killed writer is skipped."""
-    path = jobs_file(run_dir)
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return events
+    from affinage.run import read_jsonl
+
+    return read_jsonl(jobs_file(run_dir))
 
 
 # ------------------------------------------------------------------------------------ scontrol
@@ -206,6 +201,7 @@ def run_status(run_dir: str | os.PathLike, env: Optional[Mapping[str, str]] = No
                 (r for k, r in records.items() if "-" in k and _in_range(task, k)), None
             )
             metrics = _last_metrics(member) if sub.get("trains", True) else {}
+            timing = _timing(member, metrics.get("step")) if sub.get("trains", True) else {}
             rows.append(
                 {
                     "stage": sub["stage"],
@@ -215,11 +211,36 @@ def run_status(run_dir: str | os.PathLike, env: Optional[Mapping[str, str]] = No
                     "restarts": max([record.restarts if record else 0] + [int(e.get("restart_count", 0)) for e in mine]),
                     "step": metrics.get("step"),
                     "loss": metrics.get("loss"),
+                    **timing,
                     "label": labels[task] if task < len(labels) else "",
                     "run_dir": str(member),
                 }
             )
     return rows
+
+
+def _timing(run_dir: Path, step: Optional[int]) -> dict:
+    """Step and save seconds, what each requeue costs, and the ETA, from ``RUN_DIR/timing.json``."""
+    from affinage.run import RunDir
+    from affinage.train.walltime import eta_seconds, measured, read_timing, requeue_cost_s
+
+    sessions = read_timing(RunDir(run_dir))
+    costs = [c for c in (requeue_cost_s(x) for x in sessions) if c is not None]
+    seen = measured(sessions)
+    return {
+        "step_seconds": seen["step_seconds"],
+        "save_seconds": seen["save_seconds"],
+        "lost_per_requeue_s": max(costs) if costs else None,
+        "eta_s": eta_seconds(sessions, step),
+    }
+
+
+def _seconds(value) -> str:
+    if not isinstance(value, (int, float)):
+        return "-"
+    if value < 10:
+        return f"{value:.3g}s"
+    return f"{value:.0f}s" if value < 120 else (f"{value / 60:.0f}m" if value < 7200 else f"{value / 3600:.1f}h")
 
 
 def _in_range(task: int, spec: str) -> bool:
@@ -234,12 +255,13 @@ def _in_range(task: int, spec: str) -> bool:
 def format_status(run_dir: str | os.PathLike, rows: list[dict]) -> str:
     if not rows:
         return f"{run_dir}: no jobs recorded (submit with `affinage submit RECIPE --cluster PROFILE`)"
-    header = ("STAGE", "JOB", "STATE", "RESTARTS", "STEP", "LOSS", "NOTE")
+    header = ("STAGE", "JOB", "STATE", "RESTARTS", "STEP", "LOSS", "S/STEP", "SAVE", "LOST/REQUEUE", "ETA", "NOTE")
     table = [header]
     for r in rows:
         loss = f"{r['loss']:.4f}" if isinstance(r["loss"], (int, float)) else "-"
         note = "  ".join(x for x in (r["reason"], r["label"]) if x)
-        table.append((r["stage"], r["job"], r["state"], str(r["restarts"]), str(r["step"] if r["step"] is not None else "-"), loss, note))
+        times = [_seconds(r.get(k)) for k in ("step_seconds", "save_seconds", "lost_per_requeue_s", "eta_s")]
+        table.append((r["stage"], r["job"], r["state"], str(r["restarts"]), str(r["step"] if r["step"] is not None else "-"), loss, *times, note))
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = [f"run dir {run_dir}"]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in table]

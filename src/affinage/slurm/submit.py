@@ -31,6 +31,15 @@ from affinage.slurm.status import active_jobs, append_event, jobs_file
 # The stages `--pipeline` can name, each running the `affinage` command of the same name (a test in
 # tests/cli checks that the CLI has each one; submit does not import the CLI, which imports submit).
 BUILTIN_STAGES = {
+    # copies (or downloads) what the recipe reads into RUN_DIR/staged; the later stages read the staged copy
+    "stage": Stage(
+        "stage",
+        ("-m", "affinage.cli", "stage", "{run_dir}/recipe.yaml", "--to", "{run_dir}/staged", "--download",
+         "--write-recipe", "{run_dir}/recipe.yaml"),
+        gpu=False,
+        needs_internet=True,
+    ),
+    "check-offline": Stage("check-offline", ("-m", "affinage.cli", "check-offline", "{run_dir}/recipe.yaml"), gpu=False),
     "prepare": Stage(
         "prepare", ("-m", "affinage.cli", "prepare", "{run_dir}/recipe.yaml", "--run-dir", "{run_dir}"), gpu=False
     ),
@@ -144,12 +153,22 @@ def submit(
     profile = profile if isinstance(profile, ClusterProfile) else load_profile(profile)
     stages = pipeline_stages(pipeline)
     gpu_job = profile.allocate(nodes, gpus_per_node, time, qos, account)
-    grace = grace_s or profile.stop_grace_s
+    grace = grace_s if grace_s is not None else profile.stop_grace_s
+    if grace < 0:
+        raise SubmitError(f"--grace {grace}: give seconds of warning before the time limit (0: no signal, the trainer's clock alone)")
     if any(s.requeue for s in stages) and grace * 2 > gpu_job.time_s:
         raise SubmitError(
             f"the stop warning comes {grace} s before the time limit, more than half of --time "
             f"{gpu_job.time_s} s: the job would stop and requeue right away. Ask for more time or a smaller --grace"
         )
+    for stage in stages:
+        internet = profile.cpu_jobs.internet if not stage.gpu else profile.compute_internet
+        if stage.needs_internet and not internet:
+            where = f"partition {profile.cpu_jobs.partition}" if not stage.gpu and profile.cpu_jobs.partition else "its compute nodes"
+            raise SubmitError(
+                f"stage {stage.name!r} needs the network, and profile {profile.name} runs it on {where}, which has none: "
+                f"run `affinage {stage.name} RECIPE --to DIR` on a login or prepost node, then submit DIR/recipe.yaml without {stage.name!r}"
+            )
     members = sweep_points(sweep)
     loaded = [
         load_recipe_with_sources(recipe_path, [*overrides, *extra], world_size=gpu_job.world_size) for extra in members

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 import torch.distributed as dist
@@ -29,6 +30,11 @@ class CompleteCheckpointCallback(TrainerCallback):
         self.keep = keep
 
     def on_save(self, args, state, control, **kwargs):
+        from affinage.train.walltime import test_save_sleep
+
+        delay = test_save_sleep()  # test hook (AFFINAGE_TEST_SAVE_SLEEP): a slow file system, before the marker
+        if delay:
+            time.sleep(delay)
         _barrier()
         if state.is_world_process_zero:
             path = self.checkpoints / f"checkpoint-{state.global_step}"

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from affinage.recipe.schema import Recipe
-from affinage.run import RunDir, atomic_write_json
+from affinage.run import RunDir, atomic_write_json, read_jsonl
 from affinage.hardware import use_bf16
 
 STOP_FILE = "STOP"
@@ -209,6 +209,11 @@ def train(
     use_varlen_attention(model, recipe.data.max_length)
     args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=data.heldout is not None, strategy=strategy)
     stop = StopRequestCallback(run.root / STOP_FILE)
+    from affinage.train.walltime import WalltimeCallback
+
+    t = recipe.training  # after the checkpoint callback: its on_save ends the save timing
+    walltime = WalltimeCallback(run, max_lost_minutes=t.max_lost_minutes, save_every=t.save_every, exit_margin_s=t.exit_margin_s,
+                                is_main=is_main, events=read_jsonl(run.slurm_jobs))
     trainer = strategy.trainer_class(AffinageTrainer)(  # strategy hook: FSDP2 on CPU, gathered save, runtime report
         model=model,
         args=args,
@@ -220,6 +225,7 @@ def train(
             MetricsFileCallback(run.metrics),
             CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
             stop,
+            walltime,
             *callbacks,
         ],
     )
@@ -241,7 +247,7 @@ def train(
                else "no checkpoint was complete yet, so a rerun starts over")
             + "; a half-written checkpoint is removed at the next start. Free space (a checkpoint takes about "
             f"{_checkpoint_size(kept)}), then rerun the same command") from None
-    completed = stop.stopped_at is None and trainer.state.global_step >= max_steps
+    completed = stop.stopped_at is None and walltime.stopped_at is None and trainer.state.global_step >= max_steps
 
     eval_loss = None
     if data.heldout is not None and completed:
