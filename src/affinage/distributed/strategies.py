@@ -40,9 +40,8 @@ from transformers import TrainerCallback
 from affinage.distributed import configs as dcfg
 from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
+from affinage.run import RunDir
 
-DIST_DIR = "distributed"  # RUN_DIR/distributed/: rendered config, runtime report
-RUNTIME_FILE = "runtime.json"
 
 
 class StrategyError(UserError):
@@ -364,7 +363,7 @@ def setup_distributed(
     if run_dir is not None and rank() == 0 and setup.config:
         from affinage.run import atomic_write_json
 
-        folder = Path(run_dir) / DIST_DIR
+        folder = RunDir(Path(run_dir)).distributed
         folder.mkdir(parents=True, exist_ok=True)
         name = "deepspeed.json" if setup.deepspeed is not None else "fsdp_config.json"
         atomic_write_json(folder / name, next(iter(setup.config.values())))
@@ -562,9 +561,9 @@ class RuntimeReportCallback(TrainerCallback):
             return
         from affinage.run import atomic_write_json
 
-        folder = Path(self.setup.run_dir) / DIST_DIR
+        folder = RunDir(Path(self.setup.run_dir)).distributed
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / RUNTIME_FILE, {
+        atomic_write_json(RunDir(Path(self.setup.run_dir)).runtime, {
             "strategy": self.setup.strategy,
             "world_size": self.setup.world_size,
             "on_gpu": self.setup.on_gpu,
@@ -589,4 +588,4 @@ class RuntimeReportCallback(TrainerCallback):
 
 
 def read_runtime(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / DIST_DIR / RUNTIME_FILE).read_text())
+    return json.loads(RunDir(Path(run_dir)).runtime.read_text())

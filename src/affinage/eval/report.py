@@ -179,13 +179,13 @@ def _md_inline(text: str) -> str:
 
 def write_report(root: str | Path, *, run=None, results: Optional[dict] = None, manifest: Optional[dict] = None) -> Path:
     """Write ``root/report.md`` (and its plots) from whatever the run directory holds."""
-    from affinage.provenance.secrets import write_text
+    from affinage.run import RunDir, write_text
 
     root = Path(root)
     images = eval_dir(root)
     results = results if results is not None else read_results(root)
-    if manifest is None and (root / "provenance.json").is_file():
-        manifest = json.loads((root / "provenance.json").read_text(encoding="utf-8"))
+    if manifest is None and RunDir(root).provenance.is_file():
+        manifest = json.loads(RunDir(root).provenance.read_text(encoding="utf-8"))
     name = (results or {}).get("run") or (run.root.name if run is not None else root.name)
     out: list[str] = [f"# Run report: {name}\n"]
     if manifest:

@@ -48,7 +48,9 @@ NO_SPEC = (
 
 
 def eval_dir(root: Path) -> Path:
-    return Path(root) / "eval"
+    from affinage.run import RunDir
+
+    return RunDir(root).eval
 
 
 def load_spec_file(path: str) -> EvalSpec:
@@ -233,10 +235,12 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     start = time.monotonic()
     probe = Path(str(target))
     recipe_spec = None
-    if (probe / "recipe.yaml").is_file():
+    from affinage.run import RunDir
+
+    if RunDir(probe).is_run():
         from affinage.recipe.loader import load_recipe
 
-        recipe_spec = load_recipe(probe / "recipe.yaml").eval
+        recipe_spec = load_recipe(RunDir(probe).recipe).eval
     spec = spec or recipe_spec
     if spec is None:
         raise UserError(NO_SPEC)
@@ -312,7 +316,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
 
 
 def write_results(root: Path, results: dict, raw: dict, data: _Data, spec: EvalSpec) -> Path:
-    from affinage.provenance.secrets import write_json, write_text
+    from affinage.run import write_json, write_text
 
     out = eval_dir(root)
     out.mkdir(parents=True, exist_ok=True)

@@ -124,9 +124,12 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from affinage.run import claim_folder, make_dir, write_json
+
     start = time.monotonic()
     adapter_dir = Path(adapter_dir).resolve()
     out_dir = Path(out_dir).resolve()
+    claim_folder(out_dir, (REPORT_FILE,), "merge output")  # an earlier merge may be replaced, nothing else
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelFolderError(
             f"{adapter_dir} has no adapter_config.json: give the adapter folder a LoRA/QLoRA run saved (runs/<name>/final)"
@@ -163,11 +166,11 @@ def merge_adapter(
     in_memory = (_logits(merged, batch) - reference).abs().max().item()
 
     # 3. write next to out_dir, reload from disk, compare, then move into place
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir.parent)
     # not tempfile.mkdtemp: its 0700 mode would hide the merged model from the project group
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    make_dir(staging)
     try:
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
@@ -194,7 +197,8 @@ def merge_adapter(
             max_abs_logit_diff=diff, tolerance=tol, check_tokens=int(batch.numel()), base_was_quantized=was_quantized,
             total_parameters=int(total), seconds=round(time.monotonic() - start, 3),
         )
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(staging / REPORT_FILE, report.to_dict())
+        claim_folder(out_dir, (REPORT_FILE,), "merge output")  # checked again: it may have appeared meanwhile
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)
