@@ -187,6 +187,7 @@ class RunDir:
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root))
 
+    PROVENANCE = "provenance.json"  # also read from a base model's run (lineage)
     #: files only affinage writes at the top of a run directory: a folder holding one is a run
     MARKERS = ("recipe.yaml", "identity.json", "data_stats.json", "summary.json", "slurm")
 
@@ -268,7 +269,7 @@ class RunDir:
 
     @property
     def provenance(self) -> Path:
-        return self.root / "provenance.json"
+        return self.root / self.PROVENANCE
 
     @property
     def report(self) -> Path:
