@@ -193,7 +193,8 @@ def cmd_merge(args) -> int:
     r = merge_run(Path(args.run_dir), out_dir=args.out)
     print(f"merged {r.adapter_dir} into {r.base} → {r.out_dir} ({r.dtype}, {r.total_parameters:,} parameters)")
     print(f"parity: max |logit difference| merged vs adapter model = {r.max_abs_logit_diff:.2e} "
-          f"(tolerance {r.tolerance:.0e}, {r.check_tokens} tokens)")
+          f"(tolerance {r.tolerance:.2e}, relative to max |logit| {r.logit_scale:.3g}, {r.dtype}; "
+          f"{100 * r.max_abs_logit_diff / r.tolerance:.0f}% of it used; {r.check_tokens} tokens)")
     if r.base_was_quantized:
         print("note: the run trained on a 4-bit base; the merge uses the unquantised base, as it should")
     if args.out is None:
@@ -342,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"affinage: error: {e}", file=sys.stderr)
+        from affinage.scrub import scrub
+
+        print(f"affinage: error: {scrub(str(e))}", file=sys.stderr)  # job logs are read and shared too
         return 2
     except KeyboardInterrupt:
         print("affinage: interrupted", file=sys.stderr)

@@ -146,3 +146,46 @@ def test_a_torn_metrics_line_does_not_break_the_run(tmp_path, tiny_llama_dir, de
     assert all(json.loads(line) for line in lines) and run.torn_metrics_lines() == 0
     steps = [r["step"] for r in run.read_metrics() if "loss" in r]
     assert steps == sorted(set(steps)) == [1, 2, 3, 4]
+
+
+def test_no_dollar_variable_reaches_the_card_or_report(tmp_path, tiny_llama_dir, demo_data, monkeypatch):
+    import re
+
+    from affinage.provenance import write_run_provenance
+
+    monkeypatch.setenv("AFFINAGE_TEST_MODEL_DIR", str(tiny_llama_dir))
+    path = write_recipe(tmp_path, "$AFFINAGE_TEST_MODEL_DIR", demo_data / "qa_culture.jsonl", steps=1, records=8)
+    recipe = load_recipe(path)
+    run = RunDir.create(recipe.run_dir())
+    result = train(recipe, run)
+    write_run_provenance(recipe, run, result)
+    for f in (run.final / "README.md", run.report, run.root / "ai_act_summary.md"):
+        text = f.read_text()
+        assert not re.search(r"\$\{?[A-Z_]{2,}", text), (f, re.findall(r".{30}\$\{?[A-Z_]{2,}.{10}", text))
+    assert str(tiny_llama_dir) in (run.final / "README.md").read_text()
+    manifest = json.loads(run.provenance.read_text())
+    assert manifest["base_model"]["name_or_path"] == str(tiny_llama_dir)
+
+
+def test_modes_of_a_real_run_follow_a_002_umask(tmp_path, tiny_llama_dir, demo_data, monkeypatch):
+    """A project group shares caches and runs: nothing comes out 0700/0600 under umask 002."""
+    import os
+    import stat
+
+    monkeypatch.setenv("AFFINAGE_CACHE", str(tmp_path / "cache"))
+    saved = os.umask(0o002)
+    try:
+        recipe = load_recipe(write_recipe(tmp_path, tiny_llama_dir, demo_data / "droit.jsonl", task="cpt", kind="full", steps=1))
+        run = RunDir.create(recipe.run_dir())
+        train(recipe, run)
+    finally:
+        os.umask(saved)
+
+    def mode(p):
+        return stat.S_IMODE(os.stat(p).st_mode)
+
+    cache_folders = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    assert cache_folders and all(mode(p) == 0o775 for p in cache_folders), {p.name: oct(mode(p)) for p in cache_folders}
+    for f in (run.final / "model.safetensors", run.summary, run.metrics, run.identity, run.data_stats):
+        assert mode(f) == 0o664, (f, oct(mode(f)))
+    assert mode(run.root) == mode(run.final) == 0o775

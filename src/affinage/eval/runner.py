@@ -68,8 +68,19 @@ def _say(progress: bool, text: str) -> None:
         print(f"affinage eval: {text}", flush=True)
 
 
+def _chat_prompts(loaded, recipe) -> bool:
+    """Whether generation prompts go through the chat template: an SFT run's models were trained on it."""
+    if recipe is None or recipe.task != "sft":
+        return False
+    if recipe.model.chat_template:
+        from affinage.data.templates import resolve_chat_template
+
+        resolve_chat_template(loaded.tokenizer, recipe.model.chat_template)
+    return bool(getattr(loaded.tokenizer, "chat_template", None))
+
+
 def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch_size: int, device: str,
-                  limit: Optional[int], progress: bool, role: str) -> dict:
+                  limit: Optional[int], progress: bool, role: str, recipe=None) -> dict:
     out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "generation": [], "lm_eval": None}
     for s in spec.perplexity:
         t0 = time.monotonic()
@@ -89,9 +100,12 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
         _say(progress, f"{role:<5} mcq {s.name}: acc {agg['acc']:.3f}, acc_norm {agg['acc_norm']:.3f} "
                        f"({agg['items']} items, {time.monotonic() - t0:.1f} s)")
     if spec.generation and data.prompts:
+        chat = _chat_prompts(loaded, recipe)
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
-                                     max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length)
-        _say(progress, f"{role:<5} generation: {len(data.prompts)} prompts")
+                                     max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length,
+                                     chat=chat)
+        out["generation_format"] = "chat template (user turn + generation prompt)" if chat else "plain text after BOS"
+        _say(progress, f"{role:<5} generation: {len(data.prompts)} prompts ({out['generation_format']})")
     if spec.lm_eval:
         if not harness.available():
             out["lm_eval"] = {"skipped": harness.MISSING}
@@ -209,11 +223,13 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
         loaded = load(ref, device=device, reuse_base=reuse)
         if max_length is None:
             max_length = context_length(loaded.model)
-        models[role] = {"description": ref.description, "name_or_path": ref.spec.name_or_path,
+        from affinage.paths import expand_str
+
+        models[role] = {"description": ref.description, "name_or_path": expand_str(ref.spec.name_or_path),
                         "adapter": str(ref.adapter) if ref.adapter else None,
                         "random_init_seed": ref.seed, "parameters": count_parameters(loaded.model)[0]}
         raw[role] = _evaluate_one(loaded, spec, data, max_length=max_length, batch_size=bs, device=device,
-                                  limit=limit, progress=progress, role=role)
+                                  limit=limit, progress=progress, role=role, recipe=t.recipe)
         if role == "base" and t.tuned.adapter is not None and t.tuned.same_base(ref) and not spec.lm_eval:
             kept_base = loaded.model  # the adapter goes on this very model next
         del loaded
@@ -239,6 +255,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
                 for s in spec.mcq],
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
+        "generation_format": {r: raw[r].get("generation_format") for r in raw} if spec.generation else None,
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
         "notes": t.notes,
     }

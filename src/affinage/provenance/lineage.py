@@ -28,9 +28,14 @@ _URL = re.compile(r"https?://[^\s\"'<>)]+")
 def describe_base(recipe, hasher: Hasher) -> dict:
     from affinage.model.resolve import resolve_model_path
 
+    from affinage.paths import expand_str
+
     spec = recipe.model
-    out: dict[str, Any] = {"name_or_path": spec.name_or_path, "revision": spec.revision, "init": spec.init,
-                           "tokenizer": spec.tokenizer, "dtype": spec.dtype}
+    # written expanded: a card or report reader has no $VARS of the training machine
+    out: dict[str, Any] = {"name_or_path": expand_str(spec.name_or_path), "revision": spec.revision, "init": spec.init,
+                           "tokenizer": expand_str(spec.tokenizer) if spec.tokenizer else None, "dtype": spec.dtype}
+    if expand_str(spec.name_or_path) != spec.name_or_path:
+        out["name_or_path_in_recipe"] = spec.name_or_path
     if spec.init == "random":
         out["seed"] = recipe.seed
     try:

@@ -77,7 +77,7 @@ def model_files_sha256(recipe: Recipe, hasher) -> Optional[str]:
 
 def current_identity(recipe: Recipe, data_cache_path: Path) -> dict:
     """``{"identity": sha256, "fields": {...}}`` for ``recipe`` trained on the prepared cache at ``data_cache_path``."""
-    from affinage.data.cache import FileHasher
+    from affinage.hashing import FileHasher
 
     root = Path(data_cache_path).parent
     hasher = FileHasher(root)

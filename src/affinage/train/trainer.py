@@ -230,7 +230,7 @@ def train(
             write_text(run.recipe, recipe_text)
         ident.record(run, current, changes=changes, restart=resume_from is None)
         for c in changes:
-            print(f"affinage: change allowed at step {c['step']}: {c['key']}: {c['from']!r} → {c['to']!r} (recorded in {run.identity})")
+            print(scrub(f"affinage: change allowed at step {c['step']}: {c['key']}: {c['from']!r} → {c['to']!r} (recorded in {run.identity})"))
         if resume_from is None and not resume and run.checkpoints.exists():
             shutil.rmtree(run.checkpoints)
         if resume_from is None:
