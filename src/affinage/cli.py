@@ -71,6 +71,8 @@ def format_summary(result) -> str:
     ]
     for k, v in r.outputs.items():
         lines.append(f"{k:<15} {v}")
+    for note in getattr(r, "notes", None) or ():
+        lines.append(f"note            {note}")
     return "\n".join(lines)
 
 

@@ -109,6 +109,20 @@ def claim_folder(path: Path, markers: tuple[str, ...], what: str) -> Path:
     return path
 
 
+def follow_umask(folder: Path) -> None:
+    """Give every file and folder under ``folder`` the mode the umask gives (libraries that write
+    through a private temporary file, as transformers 5 does for ``model.safetensors``, leave 0600)."""
+    folder = Path(folder)
+    fmode, dmode = file_mode(), dir_mode()
+    for p in [folder, *folder.rglob("*")]:
+        if p.is_symlink():
+            continue
+        try:
+            os.chmod(p, dmode if p.is_dir() else fmode | (os.stat(p).st_mode & 0o111 & ~_umask()))
+        except OSError:
+            pass
+
+
 # ------------------------------------------------------------------------------------- writers
 def write_text(path: Path, text: str, *, executable: bool = False) -> Path:
     """Write ``text`` scrubbed of secrets, atomically: a reader sees the old content or the new one."""

@@ -189,3 +189,22 @@ def test_modes_of_a_real_run_follow_a_002_umask(tmp_path, tiny_llama_dir, demo_d
     for f in (run.final / "model.safetensors", run.summary, run.metrics, run.identity, run.data_stats):
         assert mode(f) == 0o664, (f, oct(mode(f)))
     assert mode(run.root) == mode(run.final) == 0o775
+
+
+def test_cpt_with_chat_marker_bos_eos_is_reported():
+    from types import SimpleNamespace
+
+    from affinage.recipe.loader import load_recipe_dict
+    from affinage.train.trainer import cpt_marker_note
+
+    def recipe(task):
+        fmt = "text" if task == "cpt" else "chat"
+        return load_recipe_dict({"name": "m", "task": task, "model": {"name_or_path": "x"},
+                                 "data": {"sources": [{"path": "d.jsonl", "format": fmt}]},
+                                 "training": {"global_batch_size": 1, "duration": "1 steps"}})
+
+    smollm = SimpleNamespace(bos_token="<|im_start|>", eos_token="<|im_end|>")
+    llama = SimpleNamespace(bos_token="<s>", eos_token="</s>")
+    note = cpt_marker_note(recipe("cpt"), smollm)
+    assert "BOS <|im_start|>" in note and "EOS <|im_end|>" in note
+    assert cpt_marker_note(recipe("cpt"), llama) is None and cpt_marker_note(recipe("sft"), smollm) is None

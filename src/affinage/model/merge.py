@@ -128,7 +128,7 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from affinage.run import claim_folder, make_dir, write_json
+    from affinage.run import claim_folder, follow_umask, make_dir, write_json
 
     start = time.monotonic()
     adapter_dir = Path(adapter_dir).resolve()
@@ -204,6 +204,7 @@ def merge_adapter(
             total_parameters=int(total), seconds=round(time.monotonic() - start, 3),
         )
         write_json(staging / REPORT_FILE, report.to_dict())
+        follow_umask(staging)
         claim_folder(out_dir, (REPORT_FILE,), "merge output")  # checked again: it may have appeared meanwhile
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

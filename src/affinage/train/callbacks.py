@@ -32,6 +32,9 @@ class CompleteCheckpointCallback(TrainerCallback):
         if state.is_world_process_zero:
             path = self.checkpoints / f"checkpoint-{state.global_step}"
             if path.is_dir():
+                from affinage.run import follow_umask
+
+                follow_umask(path)
                 ckpt.mark_complete(path, state.global_step)
                 ckpt.rotate(self.checkpoints, self.keep)
         _barrier()

@@ -21,7 +21,7 @@ import torch
 from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
 from affinage.hardware import use_bf16
-from affinage.run import EXIT_SIGTERM, EXIT_STOPPED, RunDir, write_json, write_text
+from affinage.run import EXIT_SIGTERM, EXIT_STOPPED, RunDir, follow_umask, write_json, write_text
 from affinage.scrub import scrub
 
 STOP_FILE = "STOP"  # RunDir.stop_file; the name the sbatch template and people use
@@ -65,6 +65,7 @@ class TrainResult:
     stopped_by: str | None = None  # "STOP file", "STOP file before training", "SIGTERM"
     identity: str | None = None
     torn_metrics_lines: int = 0
+    notes: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -190,6 +191,9 @@ def train(
             f"raise data.max_length or check the sources; details in {run.data_stats}"
         )
 
+    marker_note = cpt_marker_note(recipe, tokenizer)
+    if marker_note and is_main:
+        print(f"affinage: note: {marker_note}")
     mean_tokens = data.train.num_tokens / len(data.train)
     max_steps = steps_for_duration(recipe, len(data.train), mean_tokens)
 
@@ -329,11 +333,30 @@ def train(
             stopped_by=stop.reason,
             identity=current["identity"],
             torn_metrics_lines=torn,
+            notes=[marker_note] if marker_note else [],
         )
         if is_main:
             slurm = {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))} if "SLURM_JOB_ID" in os.environ else None
             write_json(run.summary, {"recipe": recipe.name, "task": recipe.task, "method": recipe.method.kind, **result.as_dict(), "slurm": slurm})
         return result
+
+
+#: turn markers of chat templates: a tokenizer whose BOS/EOS is one of them (SmolLM2-Instruct:
+#: BOS <|im_start|>, EOS <|im_end|>) wraps every CPT document in a chat turn's markers
+CHAT_MARKERS = frozenset({"<|im_start|>", "<|im_end|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>",
+                          "<start_of_turn>", "<end_of_turn>", "<|eot|>", "<|end|>", "<|user|>", "<|assistant|>"})
+
+
+def cpt_marker_note(recipe: Recipe, tokenizer) -> str | None:
+    """A note when CPT documents are wrapped in chat markers (the tokenizer's BOS/EOS), else None."""
+    if recipe.task != "cpt":
+        return None
+    found = [f"{name} {tok}" for name, tok in (("BOS", getattr(tokenizer, "bos_token", None)),
+                                               ("EOS", getattr(tokenizer, "eos_token", None))) if tok in CHAT_MARKERS]
+    if not found:
+        return None
+    return (f"CPT documents are wrapped in the tokenizer's {' and '.join(found)}, chat-turn markers of this model: "
+            "every document trains the model to open/close a chat turn around raw text")
 
 
 def _tokens_at(checkpoint: str | None) -> int:
@@ -369,6 +392,7 @@ def _save_final(trainer, tokenizer, run: RunDir, is_main: bool) -> None:
     trainer.save_model(str(tmp))
     if is_main:
         tokenizer.save_pretrained(str(tmp))
+        follow_umask(tmp)
         if run.final.exists():
             shutil.rmtree(run.final)
         os.replace(tmp, run.final)
