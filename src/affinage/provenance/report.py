@@ -83,8 +83,12 @@ def _training_section(run, root: Path, out: list[str], images: Path) -> None:
         if summary.get("eval_loss") is not None:
             out.append(f"| held-out loss (end) | {summary['eval_loss']:.4f} |")
         if summary.get("tokens_seen"):
-            out.append(f"| tokens processed | {summary['tokens_seen']:,} |")
-        out.append(f"| time | {summary.get('seconds', 0):.0f} s |\n")
+            out.append(f"| tokens processed (all sessions) | {summary['tokens_seen']:,} |")
+        if summary.get("steps_this_session") is not None:
+            out.append(f"| last session | {summary['steps_this_session']} steps, "
+                       f"{summary.get('tokens_this_session') or 0:,} tokens |")
+        # summary.json is written by the last session; the manifest's compute.train_seconds sums all sessions
+        out.append(f"| wall time of the last session | {summary.get('seconds', 0):.0f} s |\n")
     try:
         png = plots.loss_curve(metrics, images / "loss.png", title=run.root.name)
     except Exception as e:  # a plot must never hide the numbers
