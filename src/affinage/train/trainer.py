@@ -275,6 +275,7 @@ def train(
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback(desc=recipe.name))
         tokens_before = _tokens_at(resume_from)
+        stop_before = _agreed(stop_before)  # every rank decides the same, whenever the file appeared
         if stop_before or stop.signal is not None:
             why = "SIGTERM" if stop.signal is not None else "STOP file before training"
             if is_main:
@@ -295,8 +296,10 @@ def train(
             if resume_from and is_main:
                 print(f"affinage: resuming from {resume_from}")
             trainer.train(resume_from_checkpoint=resume_from)
-            if stop.reason == "STOP file" and is_main:
-                run.stop_file.unlink(missing_ok=True)  # the request is fulfilled: a rerun resumes
+            if stop.reason == "STOP file":
+                if is_main:
+                    run.stop_file.unlink(missing_ok=True)  # the request is fulfilled: a rerun resumes
+                _barrier()  # no rank may see the old file in a next train() of the same processes
         completed = stop.stopped_at is None and trainer.state.global_step >= max_steps
 
         eval_loss = None
@@ -357,6 +360,24 @@ def cpt_marker_note(recipe: Recipe, tokenizer) -> str | None:
         return None
     return (f"CPT documents are wrapped in the tokenizer's {' and '.join(found)}, chat-turn markers of this model: "
             "every document trains the model to open/close a chat turn around raw text")
+
+
+def _agreed(flag: bool) -> bool:
+    """``flag`` OR-ed over the ranks (itself without a process group)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        t = torch.tensor([1 if flag else 0])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+    return flag
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def _tokens_at(checkpoint: str | None) -> int:
