@@ -195,7 +195,7 @@ def cmd_merge(args) -> int:
     r = merge_run(Path(args.run_dir), out_dir=args.out)
     print(f"merged {r.adapter_dir} into {r.base} → {r.out_dir} ({r.dtype}, {r.total_parameters:,} parameters)")
     print(f"parity: max |logit difference| merged vs adapter model = {r.max_abs_logit_diff:.2e} "
-          f"(tolerance {r.tolerance:.2e}, relative to max |logit| {r.logit_scale:.3g}, {r.dtype}; "
+          f"(tolerance {r.tolerance:.2e} in {r.dtype}, max |logit| {r.logit_scale:.3g}; "
           f"{100 * r.max_abs_logit_diff / r.tolerance:.0f}% of it used; {r.check_tokens} tokens)")
     if r.base_was_quantized:
         print("note: the run trained on a 4-bit base; the merge uses the unquantised base, as it should")

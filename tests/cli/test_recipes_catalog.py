@@ -14,6 +14,7 @@ SHIPPED = {
     "demo/full/cpt": ("cpt", "full"), "demo/full/base-general": ("cpt", "full"), "demo/full/adapt-droit": ("cpt", "full"),
     "demo/lora/sft-qa": ("sft", "lora"), "lucie-7b/lora/sft-piaf": ("sft", "lora"),
     "mistral-7b/qlora/cpt-legal": ("cpt", "qlora"), "qwen2.5-7b/lora/sft-piaf": ("sft", "lora"),
+    "smollm2-135m/lora/cpt-legal": ("cpt", "lora"), "smollm2-135m/lora/sft-chat": ("sft", "lora"),
 }
 
 

@@ -296,6 +296,10 @@ class TrainingSpec(Strict):
     save_every: Optional[int] = Field(None, description="checkpoint every N optimizer steps (default: only at the end)")
     keep_checkpoints: int = Field(2, description="complete checkpoints kept on disk (oldest deleted first)")
     eval_every: Optional[int] = Field(None, description="evaluate the held-out split every N steps")
+    eval_on_start: bool = Field(
+        False, description="also evaluate the held-out split before the first step: the untouched model's held-out "
+        "loss (step 0 in metrics.jsonl), the baseline the final held-out loss is compared with"
+    )
     report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @field_validator("duration", mode="before")
@@ -583,6 +587,8 @@ class Recipe(Strict):
             raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
         if self.training.eval_every and self.data.heldout_fraction == 0:
             raise ValueError("training.eval_every is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
+        if self.training.eval_on_start and self.data.heldout_fraction == 0:
+            raise ValueError("training.eval_on_start is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
         if self.task == "sft" and self.data.packing == "concat":
             raise ValueError(
                 "data.packing: concat with task: sft — concatenation cuts conversations at row boundaries; "

@@ -120,6 +120,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
         save_total_limit=None,  # rotation happens after the COMPLETE marker (callbacks.py)
         eval_strategy="steps" if (has_eval and t.eval_every) else "no",
         eval_steps=t.eval_every,
+        eval_on_start=has_eval and t.eval_on_start,  # the base model's held-out loss, logged at step 0
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=bf16,
