@@ -170,7 +170,8 @@ def cmd_smoke(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from affinage.data.prepare import format_prepare_summary, prepare
+    from affinage.data.console import format_prepare_summary
+    from affinage.data.prepare import prepare
     from affinage.run import RunDir, apply_sharing, write_json
 
     recipe = _load(args)

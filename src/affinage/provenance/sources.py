@@ -93,7 +93,7 @@ def sample_source(spec, limit: int = LANGUAGE_SAMPLE_RECORDS) -> dict:
 
 
 def describe_sources(recipe, stats: Optional[dict], hasher: Hasher) -> list[dict]:
-    from affinage.data.dataset import source_names
+    from affinage.data.mixture import source_names
     from affinage.data.readers import source_path
 
     card_sources = (recipe.card.sources if recipe.card else {}) or {}

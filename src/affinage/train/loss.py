@@ -11,7 +11,7 @@ accumulation micro-batches, and over processes with ``average_tokens_across_devi
 same normalisation as the model's own loss in transformers 5; tested equal to the model's loss.
 
 ``use_varlen_attention`` switches an SDPA model to ``affinage_varlen``: causal SDPA run separately on
-each segment of a padding-free batch (``cu_seq_lens_q`` from ``data.batches.PackedCollator``), i.e.
+each segment of a padding-free batch (``cu_seq_lens_q`` from ``data.collator.PackedCollator``), i.e.
 flash-attention's varlen semantics on any device, with the cost of the segments (Σ n²) instead of a
 dense block-diagonal mask over the whole batch ((Σ n)²). Flash-attention models are left alone: they
 read the same ``cu_seq_lens`` natively.
@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from affinage.data.templates import IGNORE_INDEX
+from affinage.data.collator import IGNORE_INDEX
 
 VARLEN = "affinage_varlen"
 

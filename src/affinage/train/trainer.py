@@ -158,7 +158,7 @@ def train(
     """
     from transformers.trainer_callback import ProgressCallback
 
-    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.data.prepare import prepare
     from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer
