@@ -95,7 +95,7 @@ def _count_records(recipe: Recipe) -> int | None:
         from affinage.data.readers import read_source
     except ImportError:
         return None
-    from affinage.data.dataset import heldout_counts
+    from affinage.data.mixture import heldout_counts
 
     sizes = []
     for src in recipe.data.sources:
