@@ -62,24 +62,38 @@ def format_summary(result) -> str:
     loss = "n/a"
     if r.loss_first is not None:
         loss = f"{r.loss_first:.4f} → {r.loss_last:.4f}"
+    if getattr(r, "already_complete", False):
+        status = "complete before this start: nothing trained, nothing rewritten"
+    elif r.completed:
+        status = "complete"
+    elif getattr(r, "stopped_by", None) == "SIGTERM":
+        status = "stopped by SIGTERM (checkpoint written; rerun to resume)"
+    elif getattr(r, "stopped_by", None) == "STOP file before training":
+        status = "not started: the STOP file existed before training (remove it and rerun)"
+    else:
+        status = "stopped early (checkpoint written; rerun to resume)"
+    session_steps = getattr(r, "steps_this_session", r.steps)
+    session_tokens = getattr(r, "tokens_this_session", r.tokens_seen)
     lines = [
         "",
         "── affinage summary " + "─" * 40,
-        f"status          {'complete' if r.completed else 'stopped early (checkpoint written; rerun to resume)'}",
-        f"steps           {r.steps}/{r.max_steps}  (world size {r.world_size}, accumulation {r.gradient_accumulation})",
+        f"status          {status}",
+        f"steps           {r.steps}/{r.max_steps} in the run, {session_steps} in this session  (world size {r.world_size}, accumulation {r.gradient_accumulation})",
         f"samples         {r.train_samples} train, {r.heldout_samples} held out",
-        f"tokens          {r.tokens_seen:,} (non-padding, seen in this session)",
+        f"tokens          {(r.tokens_seen or 0):,} in the run, {(session_tokens or 0):,} in this session (non-padding)",
         f"loss            {loss}" + (f"   held-out loss {r.eval_loss:.4f}" if r.eval_loss is not None else ""),
-        f"time            {_human_seconds(r.seconds)}" + (f"   resumed from {r.resumed_from}" if r.resumed_from else ""),
+        f"time            {_human_seconds(r.seconds or 0)} this session" + (f"   resumed from {r.resumed_from}" if r.resumed_from else ""),
     ]
     for k, v in r.outputs.items():
         lines.append(f"{k:<15} {v}")
+    for note in getattr(r, "notes", None) or ():
+        lines.append(f"note            {note}")
     return "\n".join(lines)
 
 
 def cmd_train(args) -> int:
-    from affinage.recipe.loader import write_resolved
-    from affinage.run import RunDir
+    from affinage.recipe.loader import dump_resolved
+    from affinage.run import RunDir, apply_sharing
     from affinage.train.tasks import train
     from affinage.train.trainer import world_size_from_env
 
@@ -103,15 +117,19 @@ def cmd_train(args) -> int:
             return _relaunch_train(args, loaded.recipe, nproc)
     loaded = load_recipe_with_sources(args.recipe, overrides=args.set or (), world_size=world_size_from_env())
     recipe = loaded.recipe
+    apply_sharing(recipe.output.sharing)
     root = check_run_dir_path(args.run_dir or recipe.run_dir())
     if int(os.environ.get("RANK", "0")) == 0:  # one lock per run directory, held by rank 0 until it exits
         check_run_dir(root, recipe.name)
         args._run_lock = RunLock(root).acquire("train")
     run = RunDir.create(root)
     same_file = Path(args.recipe).resolve() == run.recipe.resolve()
-    if int(os.environ.get("RANK", "0")) == 0 and not (same_file and not args.set):
-        write_resolved(loaded, run.recipe)  # keep the submit-time copy when a job trains from it
-    result = train(recipe, run, resume=not args.fresh)
+    text = None if (same_file and not args.set) else dump_resolved(loaded)  # keep the submit-time copy a job trains from
+    result = train(recipe, run, resume=not args.fresh, allow_change=args.allow_change or (), recipe_text=text)
+    if result.already_complete:
+        print(format_summary(result))
+        finish_distributed()
+        return 0
     if int(os.environ.get("RANK", "0")) == 0:
         from affinage.provenance import write_run_provenance
 
@@ -119,7 +137,7 @@ def cmd_train(args) -> int:
             result.outputs[what] = str(path)
         print(format_summary(result))
     finish_distributed()  # every rank reaches this barrier before the process group goes away
-    return 0 if result.completed else 3
+    return result.exit_code
 
 
 def _usage_error(message: str):
@@ -139,7 +157,8 @@ def _relaunch_train(args, recipe, nproc: int) -> int:
     render(recipe, world_size=nproc, accumulation=recipe.training.gradient_accumulation(nproc),
            on_gpu=torch.cuda.is_available(), hidden_size=model_hidden_size(recipe))
     run_dir = os.path.abspath(args.run_dir or recipe.run_dir())
-    extra = [a for s in (args.set or ()) for a in ("--set", s)] + (["--fresh"] if args.fresh else [])
+    extra = ([a for s in (args.set or ()) for a in ("--set", s)] + (["--fresh"] if args.fresh else [])
+             + [a for k in (args.allow_change or ()) for a in ("--allow-change", k)])
     return relaunch_train(args.recipe, nproc, run_dir=run_dir, extra_args=extra)
 
 
@@ -200,15 +219,16 @@ def cmd_smoke(args) -> int:
 def cmd_prepare(args) -> int:
     from affinage.data.console import format_prepare_summary
     from affinage.data.prepare import prepare
-    from affinage.run import RunDir, atomic_write_json
+    from affinage.run import RunDir, apply_sharing, write_json
 
     from affinage.runlock import check_run_dir_path
 
     recipe = _load(args)
+    apply_sharing(recipe.output.sharing)
     root = check_run_dir_path(args.run_dir or recipe.run_dir())
     cache = prepare(recipe, num_proc=args.num_proc, force=args.force)
     run = RunDir.create(root)
-    atomic_write_json(run.data_stats, {**cache.stats, "cache": str(cache.path)})
+    write_json(run.data_stats, {**cache.stats, "cache": str(cache.path)})
     print(format_prepare_summary(cache))
     print(f"statistics      {run.data_stats}")
     return 0
@@ -226,7 +246,8 @@ def cmd_merge(args) -> int:
     r = merge_run(Path(args.run_dir), out_dir=args.out)
     print(f"merged {r.adapter_dir} into {r.base} → {r.out_dir} ({r.dtype}, {r.total_parameters:,} parameters)")
     print(f"parity: max |logit difference| merged vs adapter model = {r.max_abs_logit_diff:.2e} "
-          f"(tolerance {r.tolerance:.0e}, {r.check_tokens} tokens)")
+          f"(tolerance {r.tolerance:.2e} in {r.dtype}, max |logit| {r.logit_scale:.3g}; "
+          f"{100 * r.max_abs_logit_diff / r.tolerance:.0f}% of it used; {r.check_tokens} tokens)")
     if r.base_was_quantized:
         print("note: the run trained on a 4-bit base; the merge uses the unquantised base, as it should")
     if args.out is None:
@@ -250,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     c = recipe_cmd("train", "train a recipe here (CPU or one GPU; under torchrun for several)")
     c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
     c.add_argument("--fresh", action="store_true", help="ignore existing checkpoints and start over")
+    c.add_argument("--allow-change", action="append", metavar="KEY", help="resume although KEY (e.g. training.learning_rate) "
+                   "differs from what the run trained so far; recorded in identity.json and the provenance (repeatable)")
     c.add_argument("--nproc", type=_at_least(1), help="processes (GPUs) on this machine: re-runs itself under torchrun "
                    "(default 1; fsdp2/zero* recipes always run under torchrun)")
     c.set_defaults(func=cmd_train)
@@ -417,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"affinage: error: {e}", file=sys.stderr)
+        from affinage.scrub import scrub
+
+        print(f"affinage: error: {scrub(str(e))}", file=sys.stderr)  # job logs are read and shared too
         return 2
     except Exception as e:
         from affinage.errors import is_disk_full

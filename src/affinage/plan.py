@@ -95,15 +95,19 @@ def _count_records(recipe: Recipe) -> int | None:
         from affinage.data.readers import read_source
     except ImportError:
         return None
-    total = 0.0
+    from affinage.data.mixture import heldout_counts
+
+    sizes = []
     for src in recipe.data.sources:
         n = 0
         for _ in read_source(src, "skip"):
             n += 1
             if src.max_records and n >= src.max_records:
                 break
-        total += n * (1 - recipe.data.heldout_fraction) * src.weight
-    return int(total)
+        sizes.append(n)
+    # the held-out split exactly as prepare draws it (heldout_fraction, capped by heldout_max)
+    held = heldout_counts(sizes, recipe.data.heldout_fraction, recipe.data.heldout_max)
+    return int(sum((n - h) * src.weight for n, h, src in zip(sizes, held, recipe.data.sources)))
 
 
 def _layer_params(model, layers: int) -> int | None:

@@ -56,6 +56,32 @@ def test_greedy_generation_is_the_argmax_continuation(tiny_llama_dir):
     assert out[0] == tok.decode(new, skip_special_tokens=True)
 
 
+def test_chat_generation_continues_the_chat_template_not_bos_and_text(tiny_llama_dir):
+    """An SFT run's samples: the prompt as a user turn with the assistant's generation prompt (ChatML
+    here), exactly the ids the template gives, with no extra BOS in front."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama_dir), dtype=torch.float32).eval()
+    tok = load_tokenizer_folder(tiny_llama_dir)
+    prompt = "Qui a écrit Les Misérables ?"
+    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    assert "<|im_start|>assistant" in text
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    new = []
+    with torch.no_grad():
+        for _ in range(5):
+            nxt = int(model(torch.tensor([ids + new])).logits[0, -1].argmax())
+            if nxt == tok.eos_token_id:
+                break
+            new.append(nxt)
+    chat = generate(model, tok, [prompt], max_new_tokens=5, chat=True)[0]
+    assert chat == tok.decode(new, skip_special_tokens=True)
+    plain = generate(model, tok, [prompt], max_new_tokens=5)[0]
+    assert isinstance(plain, str)  # the plain path still answers
+    plain_ids = [tok.bos_token_id] + tok(prompt, add_special_tokens=False)["input_ids"]
+    assert plain_ids != ids  # the two renderings differ, so the test tells them apart
+
+
 def test_grouped_bootstrap_matches_the_hand_computed_distribution():
     """Two books of two passages, A = [1, 1] and B = [0, 0]: resampling books gives the mean 0, ½ or 1
     with probabilities ¼, ½, ¼, so the 40 % interval (quantiles 0.3 and 0.7) is [½, ½]. Resampling the

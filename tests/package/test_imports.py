@@ -3,7 +3,7 @@
 Every ``import`` statement counts, at module or function level (a lazy import is still a
 dependency). Layers, lowest first (a module may import its own layer or lower ones)::
 
-    0  errors, paths, hashing, hardware, sharding, run, resources   facts every stage shares
+    0  errors, paths, hashing, integrity, hardware, sharding, run, runlock, scrub, resources   facts every stage shares
     1  recipe                                                       the validated recipe
     2  model, data                                                  what is trained, on what
     3  train, distributed                                           training and its sharding
@@ -20,7 +20,7 @@ import affinage
 
 PACKAGE = Path(affinage.__file__).resolve().parent
 LAYERS = {
-    0: ("errors", "paths", "hashing", "hardware", "sharding", "run", "resources", "scrub", "runlock"),
+    0: ("errors", "paths", "hashing", "hardware", "sharding", "run", "resources", "scrub", "runlock", "integrity"),
     1: ("recipe",),
     2: ("model", "data"),
     3: ("train", "distributed"),

@@ -14,7 +14,7 @@ from affinage.provenance import regenerate, write_run_provenance
 from affinage.provenance import compute, energy
 from affinage.provenance.language import detect
 from affinage.provenance.environment import training_time
-from affinage.provenance.secrets import REDACTED, scrub
+from affinage.scrub import REDACTED, scrub
 from affinage.recipe.loader import load_recipe_dict, write_resolved
 from affinage.run import RunDir
 from affinage.train.trainer import train

@@ -114,3 +114,15 @@ def test_shell_word_survives_bash(tmp_path):
 
 def test_comment_text_keeps_a_comment_on_one_line():
     assert comment_text("a\nb\r\tc é") == "a\\nb\\r\\tc é"
+
+
+def test_group_sharing_profile_sets_a_group_writable_umask_and_sigterm_is_recorded():
+    import dataclasses
+
+    job = job_for("jean-zay-h100", BUILTIN_STAGES["train"], 1)
+    plain = render_job(job)
+    assert "umask" not in plain
+    assert "trap 'TERM_RECEIVED=1" in plain and "record terminated" in plain and '"$RC" -eq 4' in plain
+    shared = render_job(dataclasses.replace(job, profile=job.profile.model_copy(update={"sharing": "group"})))
+    assert "umask 0002" in shared
+    assert subprocess.run(["bash", "-n"], input=shared, text=True).returncode == 0

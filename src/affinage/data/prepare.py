@@ -73,6 +73,9 @@ def prepare(
 
             tokenizer = load_tokenizer(recipe.model)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        from affinage.run import dir_mode
+
+        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700: a cache follows the umask (and sharing: group)
         try:
             _build(recipe, tokenizer, tmp, inputs, key, num_proc or recipe.data.num_proc or usable_cpus(), progress)
             if force and final.exists():

@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Optional, Sequence
 from affinage.hardware import usable_cpus
 
+from affinage.run import EXIT_SIGTERM, EXIT_STOPPED, RunDir
+
 
 def launch_command(
     recipe_path: str | os.PathLike,
@@ -74,7 +76,8 @@ def relaunch_train(recipe_path: str, nprocs: int, *, run_dir: str, extra_args: S
     """Run ``affinage train`` under torchrun on this machine and return an ``affinage train`` exit code.
 
     torchrun reports any failing process as 1; a run that stopped early on request (exit 3 in every
-    process, a checkpoint written) is recognised from ``RUN_DIR/summary.json`` and returned as 3.
+    process, a checkpoint written) is recognised from ``RUN_DIR/summary.json`` and returned as 3 (4 when
+SIGTERM stopped it).
     """
     cmd = launch_command(recipe_path, nprocs, run_dir=run_dir, extra_args=extra_args)
     started = time.time()
@@ -83,10 +86,11 @@ def relaunch_train(recipe_path: str, nprocs: int, *, run_dir: str, extra_args: S
     rc = subprocess.call(cmd, env=launch_env(nprocs))
     if rc == 0:
         return 0
-    summary = Path(run_dir) / "summary.json"
+    summary = RunDir(Path(run_dir)).summary
     try:
-        if summary.stat().st_mtime >= started and not json.loads(summary.read_text()).get("completed", True):
-            return 3
+        written = json.loads(summary.read_text())
+        if summary.stat().st_mtime >= started and not written.get("completed", True):
+            return EXIT_SIGTERM if written.get("stopped_by") == "SIGTERM" else EXIT_STOPPED
     except (OSError, ValueError):
         pass
     return rc

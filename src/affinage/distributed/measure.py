@@ -30,6 +30,7 @@ import tempfile
 from pathlib import Path
 
 from affinage.resources import resource_dir
+from affinage.run import RunDir
 
 DEMO = resource_dir("recipes") / "demo"  # the demo tokenizer and corpus
 
@@ -97,8 +98,8 @@ def measure(strategy: str, folder: Path, model: Path, args) -> dict:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return {"strategy": strategy, "error": (proc.stdout + proc.stderr)[-2000:]}
-    report = json.loads((run / "distributed" / "runtime.json").read_text())
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    report = json.loads(RunDir(run).runtime.read_text())
+    rows = RunDir(run).read_metrics()
     times = [r["train_runtime"] for r in rows if "train_runtime" in r and "loss" in r]
     steps = [r["step"] for r in rows if "train_runtime" in r and "loss" in r]
     per_step = [(t2 - t1) / (s2 - s1) for (t1, s1), (t2, s2) in zip(zip(times, steps), zip(times[1:], steps[1:])) if s2 > s1]

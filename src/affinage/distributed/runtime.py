@@ -15,9 +15,8 @@ import torch
 from transformers import TrainerCallback
 
 from affinage.distributed.process import current_rss, peak_rss, rank, reset_peak_rss
+from affinage.run import RunDir
 
-DIST_DIR = "distributed"  # RUN_DIR/distributed/: rendered config, runtime report
-RUNTIME_FILE = "runtime.json"
 
 def _reshard(model) -> None:
     """FSDP2 leaves the root unit gathered after a forward without backward (eval): shard it back before measuring."""
@@ -209,9 +208,9 @@ class RuntimeReportCallback(TrainerCallback):
             return
         from affinage.run import atomic_write_json
 
-        folder = Path(self.setup.run_dir) / DIST_DIR
+        folder = RunDir(Path(self.setup.run_dir)).distributed
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(folder / RUNTIME_FILE, {
+        atomic_write_json(RunDir(Path(self.setup.run_dir)).runtime, {
             "strategy": self.setup.strategy,
             "world_size": self.setup.world_size,
             "on_gpu": self.setup.on_gpu,
@@ -236,5 +235,5 @@ class RuntimeReportCallback(TrainerCallback):
 
 
 def read_runtime(run_dir: Path) -> dict:
-    return json.loads((Path(run_dir) / DIST_DIR / RUNTIME_FILE).read_text())
+    return json.loads(RunDir(Path(run_dir)).runtime.read_text())
 

@@ -38,8 +38,9 @@ from affinage.distributed import configs as dcfg
 from affinage.distributed.checkpoints import check_resume_compatible, convert_to_universal, deepspeed_saved_world_size
 from affinage.distributed.configs import StrategyError
 from affinage.distributed.process import single_process_env, current_rss, init_process_group, launched, rank
-from affinage.distributed.runtime import DIST_DIR, RuntimeReportCallback, UnshareOptimizerSteps
+from affinage.distributed.runtime import RuntimeReportCallback, UnshareOptimizerSteps
 from affinage.recipe.schema import Recipe
+from affinage.run import RunDir
 
 # ------------------------------------------------------------------------------------- setup
 @dataclass
@@ -204,7 +205,7 @@ def setup_distributed(
     if run_dir is not None and rank() == 0 and setup.config:
         from affinage.run import atomic_write_json
 
-        folder = Path(run_dir) / DIST_DIR
+        folder = RunDir(Path(run_dir)).distributed
         folder.mkdir(parents=True, exist_ok=True)
         name = "deepspeed.json" if setup.deepspeed is not None else "fsdp_config.json"
         atomic_write_json(folder / name, next(iter(setup.config.values())))

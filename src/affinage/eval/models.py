@@ -65,7 +65,9 @@ def _adapter_base_name(adapter: Path) -> str:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "recipe.yaml").is_file()
+    from affinage.run import RunDir
+
+    return RunDir(path).is_run()
 
 
 def resolve_target(target: str | os.PathLike, *, base: Optional[str] = None, compare_base: bool = True,

@@ -15,12 +15,14 @@ DETAILS_FILE = "details.jsonl"
 
 
 def eval_dir(root: Path) -> Path:
-    return Path(root) / "eval"
+    from affinage.run import RunDir
+
+    return RunDir(root).eval
 
 
 def write_results(root: Path, results: dict, raw: dict, data, spec) -> Path:
     """``eval/results.json`` (the figures) and ``eval/details.jsonl`` (one line per document, item, sample)."""
-    from affinage.provenance.secrets import write_json, write_text
+    from affinage.run import write_json, write_text
 
     out = eval_dir(root)
     out.mkdir(parents=True, exist_ok=True)

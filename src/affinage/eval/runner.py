@@ -76,8 +76,19 @@ def _say(progress: bool, text: str) -> None:
         print(f"affinage eval: {text}", flush=True)
 
 
+def _chat_prompts(loaded, recipe) -> bool:
+    """Whether generation prompts go through the chat template: an SFT run's models were trained on it."""
+    if recipe is None or recipe.task != "sft":
+        return False
+    if recipe.model.chat_template:
+        from affinage.data.templates import resolve_chat_template
+
+        resolve_chat_template(loaded.tokenizer, recipe.model.chat_template)
+    return bool(getattr(loaded.tokenizer, "chat_template", None))
+
+
 def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch_size: int, device: str,
-                  limit: Optional[int], progress: bool, role: str) -> dict:
+                  limit: Optional[int], progress: bool, role: str, recipe=None) -> dict:
     out: dict[str, Any] = {"perplexity": {}, "mcq": {}, "extractive": {}, "generation": [], "lm_eval": None, "speed": {}}
     for s in spec.perplexity:
         t0 = time.monotonic()
@@ -110,9 +121,12 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
         _say(progress, f"{role:<5} extractive {s.name}: exact {agg['exact']:.3f}, f1 {agg['f1']:.3f} "
                        f"({agg['items']} items, {time.monotonic() - t0:.1f} s)")
     if spec.generation and data.prompts:
+        chat = _chat_prompts(loaded, recipe)
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
-                                     max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length)
-        _say(progress, f"{role:<5} generation: {len(data.prompts)} prompts")
+                                     max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length,
+                                     chat=chat)
+        out["generation_format"] = "chat template (user turn + generation prompt)" if chat else "plain text after BOS"
+        _say(progress, f"{role:<5} generation: {len(data.prompts)} prompts ({out['generation_format']})")
     if data.pairs:
         out["preference"] = preference.score_pairs(loaded.model, loaded.tokenizer, data.pairs, batch_size=batch_size, device=device)
         _say(progress, f"{role:<5} preference: {len(data.pairs)} held-out pairs")
@@ -223,10 +237,12 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     if not probe.exists() and (os.sep in str(target) or str(target).startswith(".")):
         raise UserError(f"{target}: no such run directory or model folder (looked at {probe.absolute()})")
     recipe_spec = None
-    if (probe / "recipe.yaml").is_file():
+    from affinage.run import RunDir
+
+    if RunDir(probe).is_run():
         from affinage.recipe.loader import load_recipe
 
-        run_recipe = load_recipe(probe / "recipe.yaml", overrides=overrides)
+        run_recipe = load_recipe(RunDir(probe).recipe, overrides=overrides)
         recipe_spec = run_recipe.eval
         if recipe_spec is None and preference.is_preference_run(run_recipe):
             recipe_spec = EvalSpec()  # a preference run always has its held-out pairs to score
@@ -261,11 +277,13 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
         loaded = load(ref, device=device, reuse_base=reuse)
         if max_length is None:
             max_length = context_length(loaded.model)
-        models[role] = {"description": ref.description, "name_or_path": ref.spec.name_or_path,
+        from affinage.paths import expand_str
+
+        models[role] = {"description": ref.description, "name_or_path": expand_str(ref.spec.name_or_path),
                         "adapter": str(ref.adapter) if ref.adapter else None,
                         "random_init_seed": ref.seed, "parameters": count_parameters(loaded.model)[0]}
         raw[role] = _evaluate_one(loaded, spec, data, max_length=max_length, batch_size=bs, device=device,
-                                  limit=limit, progress=progress, role=role)
+                                  limit=limit, progress=progress, role=role, recipe=t.recipe)
         if role == "base" and t.tuned.adapter is not None and t.tuned.same_base(ref) and not spec.lm_eval:
             kept_base = loaded.model  # the adapter goes on this very model next
         del loaded
@@ -293,6 +311,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
                                          {r: raw[r]["extractive"][s.name] for r in raw}, spec) for s in spec.extractive],
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
+        "generation_format": {r: raw[r].get("generation_format") for r in raw} if spec.generation else None,
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
         "speed": {r: _speed(raw[r]["speed"]) for r in raw},
         "notes": t.notes,

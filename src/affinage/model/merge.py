@@ -46,6 +46,7 @@ class MergeReport:
     dtype: str
     max_abs_logit_diff: float
     tolerance: float
+    logit_scale: float  # max |logit| of the adapter model on the check batch: the tolerance is relative to it
     check_tokens: int
     base_was_quantized: bool
     total_parameters: int
@@ -126,9 +127,12 @@ def merge_adapter(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from affinage.run import claim_folder, follow_umask, make_dir, write_json
+
     start = time.monotonic()
     adapter_dir = Path(adapter_dir).resolve()
     out_dir = Path(out_dir).resolve()
+    claim_folder(out_dir, (REPORT_FILE,), "merge output")  # an earlier merge may be replaced, nothing else
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ModelFolderError(
             f"{adapter_dir} has no adapter_config.json: give the adapter folder a LoRA/QLoRA run saved (runs/<name>/final)"
@@ -162,21 +166,21 @@ def merge_adapter(
     model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
     batch = _fixed_batch(model.get_input_embeddings().num_embeddings)
     reference = _logits(model, batch)
+    logit_scale = float(reference.abs().max())
     if tolerance is not None:
         tol = float(tolerance)
     else:
-        scale = max(1.0, reference.abs().max().item()) if name == "float32" else 1.0
-        tol = DEFAULT_TOLERANCE[name] * scale
+        tol = DEFAULT_TOLERANCE[name] * (max(1.0, logit_scale) if name == "float32" else 1.0)
     merged = model.merge_and_unload()
     merged.config.use_cache = True  # the merged model is for inference
     in_memory = (_logits(merged, batch) - reference).abs().max().item()
 
     # 3. write next to out_dir, reload from disk, compare, then move into place
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir.parent)
     # not tempfile.mkdtemp: its 0700 mode would hide the merged model from the project group
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
+    make_dir(staging)
     try:
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
@@ -192,7 +196,8 @@ def merge_adapter(
         diff = max(in_memory, on_disk)
         if not diff < tol:
             raise MergeParityError(
-                f"merged model differs from the adapter model by {diff:.3g} in logits (tolerance {tol:g} in {name}; "
+                f"merged model differs from the adapter model by {diff:.3g} in logits (tolerance {tol:.3g} in {name}, "
+                f"max|logit| {logit_scale:.3g}; "
                 f"in memory {in_memory:.3g}, reloaded from disk {on_disk:.3g}); nothing was written to {out_dir}. "
                 "Merge in float32 (dtype='float32'); if float32 fails too, the saved weights do not reproduce the "
                 "adapter model (a peft/transformers bug or a custom layer the merge does not handle).",
@@ -200,10 +205,12 @@ def merge_adapter(
             )
         report = MergeReport(
             adapter_dir=str(adapter_dir), base=str(base_path), out_dir=str(out_dir), dtype=name,
-            max_abs_logit_diff=diff, tolerance=tol, check_tokens=int(batch.numel()), base_was_quantized=was_quantized,
+            max_abs_logit_diff=diff, tolerance=tol, logit_scale=logit_scale, check_tokens=int(batch.numel()), base_was_quantized=was_quantized,
             total_parameters=int(total), seconds=round(time.monotonic() - start, 3),
         )
-        (staging / REPORT_FILE).write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+        write_json(staging / REPORT_FILE, report.to_dict())
+        follow_umask(staging)
+        claim_folder(out_dir, (REPORT_FILE,), "merge output")  # checked again: it may have appeared meanwhile
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, old)

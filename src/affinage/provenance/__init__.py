@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from affinage.provenance.secrets import scrub, write_json, write_text
+from affinage.run import write_json, write_text
+from affinage.scrub import scrub
 
 __all__ = ["write_run_provenance", "regenerate", "scrub"]
 
@@ -25,11 +26,10 @@ def write_run_provenance(recipe, run, result=None, *, training_process: bool = T
     from affinage.eval.results import read_results
     from affinage.provenance import aiact, card
     from affinage.provenance.report import write_report
-    from affinage.provenance.lineage import PROVENANCE_FILE
     from affinage.provenance.manifest import build_manifest
 
     manifest = build_manifest(recipe, run, result, training_process=training_process)
-    written: dict[str, Path] = {"manifest": write_json(run.root / PROVENANCE_FILE, manifest)}
+    written: dict[str, Path] = {"manifest": write_json(run.provenance, manifest)}
     results = read_results(run.root)
     for label, folder in (("card", run.final), ("card_merged", run.merged)):
         if (folder / "config.json").is_file() or (folder / "adapter_config.json").is_file():
@@ -45,8 +45,7 @@ def regenerate(run_dir: str | Path) -> dict[str, Path]:
     from affinage.recipe.loader import load_recipe
     from affinage.run import RunDir
 
-    root = Path(run_dir)
-    if not (root / "recipe.yaml").is_file():
-        raise UserError(f"{root} is not a run directory (no recipe.yaml): give the folder `affinage train` wrote")
-    run = RunDir(root.resolve())
+    run = RunDir(Path(run_dir).resolve())
+    if not run.is_run():
+        raise UserError(f"{run_dir} is not a run directory (no {run.recipe.name}): give the folder `affinage train` wrote")
     return write_run_provenance(load_recipe(run.recipe), run, training_process=False)

@@ -16,7 +16,6 @@ LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate",
              "bitsandbytes", "deepspeed", "numpy", "pydantic", "lm_eval", "matplotlib")
 
 SCHEMA = "affinage.provenance/1"
-PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIXES = (".provenance.yaml", ".provenance.yml", ".provenance.json")
 LANGUAGE_SAMPLE_RECORDS = 2000
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "safetensors",
@@ -147,7 +146,9 @@ def training_time(metrics: list[dict]) -> tuple[Optional[float], int]:
 
 def cluster_profile(run_root: Path):
     """The cluster profile the run was submitted with (RUN_DIR/slurm/jobs.jsonl), if any."""
-    jobs = run_root / "slurm" / "jobs.jsonl"
+    from affinage.run import RunDir
+
+    jobs = RunDir(run_root).jobs
     if not jobs.is_file():
         return None
     name = None

@@ -15,7 +15,6 @@ from affinage.hashing import FileHasher
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 SCHEMA = "affinage.provenance/1"
-PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIXES = (".provenance.yaml", ".provenance.yml", ".provenance.json")
 LANGUAGE_SAMPLE_RECORDS = 2000
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "safetensors",

@@ -9,12 +9,12 @@ from typing import Any
 from affinage.hashing import FileHasher
 from affinage.provenance import compute as compute_mod
 from affinage.provenance.files import Hasher
+from affinage.run import RunDir
 
-PROVENANCE_FILE = "provenance.json"  # RUN_DIR/provenance.json (what a later run reads of its base)
+PROVENANCE_FILE = RunDir.PROVENANCE  # RUN_DIR/provenance.json (what a later run reads of its base)
 _COMMIT = re.compile(r"^[0-9a-f]{40}$")
 
 SCHEMA = "affinage.provenance/1"
-PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIXES = (".provenance.yaml", ".provenance.yml", ".provenance.json")
 LANGUAGE_SAMPLE_RECORDS = 2000
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "safetensors",
@@ -28,9 +28,14 @@ _URL = re.compile(r"https?://[^\s\"'<>)]+")
 def describe_base(recipe, hasher: Hasher) -> dict:
     from affinage.model.resolve import resolve_model_path
 
+    from affinage.paths import expand_str
+
     spec = recipe.model
-    out: dict[str, Any] = {"name_or_path": spec.name_or_path, "revision": spec.revision, "init": spec.init,
-                           "tokenizer": spec.tokenizer, "dtype": spec.dtype}
+    # written expanded: a card or report reader has no $VARS of the training machine
+    out: dict[str, Any] = {"name_or_path": expand_str(spec.name_or_path), "revision": spec.revision, "init": spec.init,
+                           "tokenizer": expand_str(spec.tokenizer) if spec.tokenizer else None, "dtype": spec.dtype}
+    if expand_str(spec.name_or_path) != spec.name_or_path:
+        out["name_or_path_in_recipe"] = spec.name_or_path
     if spec.init == "random":
         out["seed"] = recipe.seed
     try:

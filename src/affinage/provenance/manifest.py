@@ -19,7 +19,7 @@ For every run it records
 Hashes of large files are reused from the previous manifest when size and modification time are
 unchanged, and read from the Hugging Face cache's blob names when possible, so regenerating the
 card of a 7B run does not re-read 15 GB. Nothing from the environment is written except what is
-listed here, and every string is scrubbed of secrets (``affinage.provenance.secrets``).
+listed here, and every string is scrubbed of secrets (``affinage.scrub``).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from affinage.provenance import compute as compute_mod
 from affinage.provenance import energy as energy_mod
 from affinage.provenance.environment import cluster_profile, hardware, software, training_time
 from affinage.provenance.files import Hasher
-from affinage.provenance.lineage import PROVENANCE_FILE, describe_base
+from affinage.provenance.lineage import describe_base
 from affinage.provenance.sources import describe_sources
 
 SCHEMA = "affinage.provenance/1"
@@ -44,9 +44,9 @@ SCHEMA = "affinage.provenance/1"
 # ------------------------------------------------------------------------------------- manifest
 def build_manifest(recipe, run, result=None, *, training_process: bool = True, previous: Optional[dict] = None) -> dict:
     """The manifest dict for ``run`` (a RunDir) trained from ``recipe``; see the module docstring."""
-    if previous is None and (run.root / PROVENANCE_FILE).is_file():
+    if previous is None and run.provenance.is_file():
         try:
-            previous = json.loads((run.root / PROVENANCE_FILE).read_text(encoding="utf-8"))
+            previous = json.loads(run.provenance.read_text(encoding="utf-8"))
         except ValueError:
             previous = None
     hasher = Hasher(previous)
@@ -120,7 +120,7 @@ def build_manifest(recipe, run, result=None, *, training_process: bool = True, p
     from affinage.recipe.loader import dump_resolved
 
     created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
-    eval_file = run.root / "eval" / "results.json"
+    eval_file = run.eval_results
     return {
         "schema": SCHEMA,
         "created": created,
@@ -139,6 +139,7 @@ def build_manifest(recipe, run, result=None, *, training_process: bool = True, p
         "energy": energy,
         "ai_act": {"compute_check": check},
         "evaluation": {"results": str(eval_file), "sha256": FileHasher().maybe(eval_file)} if eval_file.is_file() else None,
+        "identity": run.read_identity(),  # what the run trains, and the changes allowed on resume (step, key, from, to)
     }
 
 

@@ -16,7 +16,7 @@ from typing import Optional
 from affinage.eval.results import eval_dir, read_results
 from affinage.provenance import plots
 
-REPORT_FILE = "report.md"
+REPORT_FILE = "report.md"  # RunDir.report
 
 
 def _f(x: Optional[float], digits: int = 4) -> str:
@@ -83,8 +83,12 @@ def _training_section(run, root: Path, out: list[str], images: Path) -> None:
         if summary.get("eval_loss") is not None:
             out.append(f"| held-out loss (end) | {summary['eval_loss']:.4f} |")
         if summary.get("tokens_seen"):
-            out.append(f"| tokens processed | {summary['tokens_seen']:,} |")
-        out.append(f"| time | {summary.get('seconds', 0):.0f} s |\n")
+            out.append(f"| tokens processed (all sessions) | {summary['tokens_seen']:,} |")
+        if summary.get("steps_this_session") is not None:
+            out.append(f"| last session | {summary['steps_this_session']} steps, "
+                       f"{summary.get('tokens_this_session') or 0:,} tokens |")
+        # summary.json is written by the last session; the manifest's compute.train_seconds sums all sessions
+        out.append(f"| wall time of the last session | {summary.get('seconds', 0):.0f} s |\n")
     try:
         png = plots.loss_curve(metrics, images / "loss.png", title=run.root.name)
     except Exception as e:  # a plot must never hide the numbers
@@ -226,13 +230,13 @@ def _md_inline(text: str) -> str:
 
 def write_report(root: str | Path, *, run=None, results: Optional[dict] = None, manifest: Optional[dict] = None) -> Path:
     """Write ``root/report.md`` (and its plots) from whatever the run directory holds."""
-    from affinage.provenance.secrets import write_text
+    from affinage.run import RunDir, write_text
 
     root = Path(root)
     images = eval_dir(root)
     results = results if results is not None else read_results(root)
-    if manifest is None and (root / "provenance.json").is_file():
-        manifest = json.loads((root / "provenance.json").read_text(encoding="utf-8"))
+    if manifest is None and RunDir(root).provenance.is_file():
+        manifest = json.loads(RunDir(root).provenance.read_text(encoding="utf-8"))
     name = (results or {}).get("run") or (run.root.name if run is not None else root.name)
     out: list[str] = [f"# Run report: {name}\n"]
     if manifest:
@@ -249,11 +253,13 @@ def write_report(root: str | Path, *, run=None, results: Optional[dict] = None, 
     else:
         out.append("## Evaluation\n\nNot run yet: `affinage eval " + str(root) + "` compares the fine-tuned model "
                    "with its base on the recipe's `eval:` sets.\n")
-    links = [(p, d) for p, d in (("provenance.json", "provenance manifest (data hashes, licences, software, compute)"),
-                                 ("ai_act_summary.md", "EU AI Act training-content summary (draft)"),
-                                 ("final/README.md", "model card"), ("eval/results.json", "all evaluation numbers"),
-                                 ("eval/details.jsonl", "per document / item scores"))
-             if (root / p).exists()]
+    rd = RunDir(root)
+    links = [(p.relative_to(root).as_posix(), d) for p, d in (
+                 (rd.provenance, "provenance manifest (data hashes, licences, software, compute)"),
+                 (rd.root / "ai_act_summary.md", "EU AI Act training-content summary (draft)"),
+                 (rd.final / "README.md", "model card"), (rd.eval_results, "all evaluation numbers"),
+                 (rd.eval / "details.jsonl", "per document / item scores"))
+             if p.exists()]
     if links:
         out.append("## Files\n")
         out += [f"- [`{p}`]({p}): {d}" for p, d in links]
@@ -261,4 +267,4 @@ def write_report(root: str | Path, *, run=None, results: Optional[dict] = None, 
     if manifest and manifest.get("energy", {}).get("kwh") is not None:
         en = manifest["energy"]
         out.append(f"Training energy ≈ {en['kwh']:.3g} kWh, ≈ {en['co2e_g']:.3g} g CO2e ({en['summary']}).\n")
-    return write_text(root / REPORT_FILE, "\n".join(out))
+    return write_text(rd.report, "\n".join(out))

@@ -18,7 +18,6 @@ LANGUAGE_SAMPLE_RECORDS = 2000
 _URL = re.compile(r"https?://[^\s\"'<>)]+")
 
 SCHEMA = "affinage.provenance/1"
-PROVENANCE_FILE = "provenance.json"
 SIDECAR_SUFFIXES = (".provenance.yaml", ".provenance.yml", ".provenance.json")
 LANGUAGE_SAMPLE_RECORDS = 2000
 LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "safetensors",

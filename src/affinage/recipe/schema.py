@@ -448,6 +448,10 @@ class TrainingSpec(Strict):
 
 class OutputSpec(Strict):
     dir: str = Field("runs/{name}", description="run directory; {name} is the recipe name")
+    sharing: Literal["user", "group"] = Field(
+        "user", description="user: files and folders follow your umask; group: run directory and data cache are also "
+        "group read/write (setgid folders), for a project sharing $WORK/$SCRATCH through its Unix group",
+    )
 
     @field_validator("dir")
     @classmethod
@@ -673,6 +677,20 @@ class CardSpec(Strict):
 
 
 # -------------------------------------------------------------------------------------- recipe
+#: Recipe fields that may change when a run resumes: they change how a run is logged, checked,
+#: kept or described, not what it trains. Every other field (and the model's files and the data
+#: cache key) makes up the run's identity (``affinage.train.identity``); a resume with another
+#: value is refused unless ``--allow-change KEY`` records it. ``training.duration`` is here so a
+#: finished run can be extended on purpose (it can never be cut below a checkpoint's step).
+RESUMABLE_FIELDS = frozenset({
+    "name", "description", "output", "eval", "card",
+    "training.duration", "training.logging_steps", "training.save_every", "training.keep_checkpoints",
+    "training.eval_every", "training.report_to",
+    "model.mirrors", "data.num_proc", "data.cache_dir",
+    "distributed.offload_optimizer", "distributed.offload_params",
+})
+
+
 class Recipe(Strict):
     name: str
     description: Optional[str] = None

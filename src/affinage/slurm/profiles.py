@@ -160,6 +160,10 @@ class ClusterProfile(_Strict):
     python: Optional[str] = Field(None, description="Python command on compute nodes; default: the submitting interpreter")
     storage: Storage
     env: dict[str, str] = Field(default_factory=dict, description="exported in every job (NCCL, network)")
+    sharing: Literal["user", "group"] = Field(
+        "user", description="group: jobs run with a group-writable umask, so the project's Unix group can read and "
+        "write the caches and run directories they create (Jean Zay shares $WORK/$SCRATCH by group)",
+    )
 
     @field_validator("gpu_kind")
     @classmethod

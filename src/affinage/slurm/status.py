@@ -1,7 +1,8 @@
 """What happened to a run's jobs: ``RUN_DIR/slurm/jobs.jsonl`` joined with ``scontrol show job``.
 
 ``jobs.jsonl`` is append-only: ``affinage submit`` writes one ``submitted`` line per stage (job id,
-dependency, run directories), and the batch script writes ``started``, ``requeued`` and ``ended``
+dependency, run directories), and the batch script writes ``started``, ``requeued``, ``terminated``
+(SIGTERM: the trainer checkpointed and exited 4) and ``ended``
 lines with ``SLURM_RESTART_COUNT``. It outlives SLURM's memory of finished jobs (``MinJobAge``;
 ``sacct`` needs a database that small clusters lack), so :func:`run_status` falls back to it.
 """
@@ -18,6 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterable, Mapping, Optional, Sequence
 
+from affinage.run import EXIT_SIGTERM, EXIT_STOPPED, RunDir, append_line
+
 # States after which a job never runs again (a requeued job goes back to PENDING instead).
 FINAL_STATES = frozenset(
     {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED"}
@@ -28,22 +31,20 @@ _FIELD = re.compile(r"(?:^|\s)(JobId|ArrayJobId|ArrayTaskId|JobState|Reason|Rest
 def jobs_file(run_dir: str | os.PathLike) -> Path:
     from affinage.run import RunDir
 
-    return RunDir(Path(run_dir)).slurm_jobs
+    return RunDir(Path(run_dir)).jobs
 
 
 def append_event(path: Path, event: str, **fields) -> None:
     """Append one JSON line; a single short write, so concurrent writers do not interleave lines."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     row = {"event": event, **fields, "time": datetime.now(timezone.utc).astimezone().isoformat(timespec="seconds")}
-    with path.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    append_line(path, json.dumps(row, ensure_ascii=False))
 
 
 def read_events(run_dir: str | os.PathLike) -> list[dict]:
     """Every event of a run, oldest first; a line cut short by a killed writer is skipped."""
     from affinage.run import read_jsonl
 
-    return read_jsonl(jobs_file(run_dir))
+    return read_jsonl(jobs_file(run_dir))[0]
 
 
 # ------------------------------------------------------------------------------------ scontrol
@@ -136,7 +137,7 @@ def active_jobs(run_dir: str | os.PathLike, env: Optional[Mapping[str, str]] = N
 # -------------------------------------------------------------------------------------- status
 def _last_metrics(run_dir: Path) -> dict:
     """The last logged step and loss of ``metrics.jsonl`` (read from the end: the file can be long)."""
-    path = run_dir / "metrics.jsonl"
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return {}
     with path.open("rb") as fh:
@@ -165,8 +166,14 @@ def _state_from_events(events: Iterable[dict]) -> str:
         last = event
     if last is None:
         return "UNKNOWN"
+    if last["event"] == "terminated":
+        return "TERMINATED (SIGTERM, checkpoint written: submit again to resume)" if last.get("rc") == EXIT_SIGTERM \
+            else f"TERMINATED (SIGTERM, exit {last.get('rc')}: resumes from the last complete checkpoint)"
     if last["event"] == "ended":
-        return "COMPLETED" if last.get("rc") == 0 else f"FAILED (exit {last.get('rc')})"
+        rc = last.get("rc")
+        if rc == EXIT_STOPPED:
+            return "STOPPED (checkpoint written: submit again to resume)"
+        return "COMPLETED" if rc == 0 else f"FAILED (exit {rc})"
     return {"started": "RUNNING?", "requeued": "REQUEUED"}.get(last["event"], "UNKNOWN")
 
 

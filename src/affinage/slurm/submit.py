@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 
 from affinage.recipe.loader import LoadedRecipe, load_recipe_with_sources, write_resolved
 from affinage.recipe.schema import OutputSpec
+from affinage.run import RunDir, make_dir, write_text
 from affinage.slurm.profiles import ClusterProfile, load_profile
 from affinage.slurm.render import JobScript, Stage, render_job
 from affinage.slurm.status import active_jobs, append_event, jobs_file
@@ -125,7 +126,7 @@ def _write_resolved_copy(source: LoadedRecipe, run_dir: Path) -> None:
     """RUN_DIR/recipe.yaml, the copy the job trains from; its output.dir is where it really runs."""
     here = str(run_dir).replace("{", "{{").replace("}", "}}")  # output.dir goes through str.format
     source.recipe = source.recipe.model_copy(update={"output": OutputSpec(dir=here)})
-    write_resolved(source, run_dir / "recipe.yaml")
+    write_resolved(source, RunDir(run_dir).recipe)
 
 
 def submit(
@@ -188,8 +189,7 @@ def submit(
     for member, source in zip(run_dirs, loaded):
         _write_resolved_copy(source, member)
 
-    slurm_dir = root / "slurm"
-    slurm_dir.mkdir(parents=True, exist_ok=True)
+    slurm_dir = make_dir(RunDir(root).slurm)
     provenance = (
         f"recipe {os.path.abspath(recipe_path)} (the job reads its resolved copy RUN_DIR/recipe.yaml)",
         *(f"--set {o}" for o in overrides),
@@ -218,8 +218,7 @@ def submit(
             array=bool(sweep),
         )
         path = slurm_dir / job.script_name
-        path.write_text(render_job(job), encoding="utf-8")
-        path.chmod(0o755)
+        write_text(path, render_job(job), executable=True)  # scrubbed: --set comments may hold a token
         result.scripts[stage.name] = path
         jobs.append(job)
 

@@ -39,6 +39,9 @@ class CompleteCheckpointCallback(TrainerCallback):
         if state.is_world_process_zero:
             path = self.checkpoints / f"checkpoint-{state.global_step}"
             if path.is_dir():
+                from affinage.run import follow_umask
+
+                follow_umask(path)
                 ckpt.mark_complete(path, state.global_step)
                 ckpt.rotate(self.checkpoints, self.keep)
         _barrier()
@@ -46,10 +49,10 @@ class CompleteCheckpointCallback(TrainerCallback):
 
 
 class MetricsFileCallback(TrainerCallback):
-    """Appends every log line to metrics.jsonl, so curves survive without TensorBoard."""
+    """Appends every log line to metrics.jsonl (``RunDir.append_metrics``), so curves survive without TensorBoard."""
 
-    def __init__(self, path: Path):
-        self.path = path
+    def __init__(self, run):
+        self.run = run
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or not logs:
@@ -60,8 +63,7 @@ class MetricsFileCallback(TrainerCallback):
                 row[k] = v
         if "num_input_tokens_seen" in logs:
             row["tokens"] = logs["num_input_tokens_seen"]
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
 
 
 def truncate_metrics(path: Path, step: int) -> int:
@@ -90,30 +92,80 @@ def truncate_metrics(path: Path, step: int) -> int:
 
 
 class StopRequestCallback(TrainerCallback):
-    """Stops cleanly at the end of the current optimizer step when a stop file appears.
+    """Stops cleanly at the end of the current optimizer step when a stop file appears or SIGTERM came.
 
     A SLURM job traps its warning signal and creates the file (signals do not cross
     torchrun/accelerate reliably); every rank sees the same shared file, so all ranks agree to save
-    a checkpoint at the same step and stop.
+    a checkpoint at the same step and stop. SIGTERM (scancel, preemption) reaches every process
+    and sets :attr:`signal` (:class:`TermSignal`); the ranks agree the same way.
     """
 
     def __init__(self, stop_file: Path):
         self.stop_file = stop_file
         self.stopped_at: int | None = None
+        self.reason: str | None = None
+        self.signal: str | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
-        requested = self.stop_file.exists()
+        local = 2 if self.signal else (1 if self.stop_file.exists() else 0)
+        requested = local
         if dist.is_available() and dist.is_initialized():
             import torch
 
-            flag = torch.tensor([1 if requested else 0])
+            flag = torch.tensor([local])
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            requested = bool(flag.item())
+            requested = int(flag.item())
         if requested and state.global_step < state.max_steps:
             control.should_save = True
             control.should_training_stop = True
             self.stopped_at = state.global_step
+            self.reason = "SIGTERM" if requested == 2 else "STOP file"
         return control
+
+
+class TermSignal:
+    """SIGTERM handled like USR1: ask :class:`StopRequestCallback` to checkpoint at the end of the
+    step, and leave the process after ``grace_s`` seconds whatever happens (SLURM sends SIGKILL
+    ``KillWait`` seconds after SIGTERM; a checkpoint cut short has no COMPLETE marker and is
+    ignored). A second SIGTERM exits at once. Installed only in the main thread."""
+
+    def __init__(self, stop: StopRequestCallback, grace_s: float | None = None):
+        import os
+
+        self.stop = stop
+        self.grace_s = float(os.environ.get("AFFINAGE_TERM_GRACE_S", "600")) if grace_s is None else grace_s
+        self.previous = None
+
+    def _handle(self, signum, frame):
+        import os
+        import sys
+        import threading
+
+        if os.getpid() != self.pid or self.stop.signal is not None:
+            os._exit(128 + signum)  # a forked worker (tokenization pool) terminated by its parent, or a second SIGTERM
+        self.stop.signal = "SIGTERM"
+        print(f"affinage: SIGTERM: finishing this optimizer step and writing a checkpoint (at most {self.grace_s:.0f} s)",
+              file=sys.stderr, flush=True)
+        timer = threading.Timer(self.grace_s, os._exit, args=(128 + signum,))
+        timer.daemon = True
+        timer.start()
+
+    def __enter__(self):
+        import os
+        import signal
+        import threading
+
+        self.pid = os.getpid()
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+        return False
 
 
 class ProgressBarCallback(TrainerCallback):

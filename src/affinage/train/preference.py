@@ -297,7 +297,7 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     trainer = cls(
         model=model, ref_model=ref_model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, processing_class=tokenizer,
         peft_config=peft_config,
-        callbacks=[MetricsFileCallback(run.metrics), CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
+        callbacks=[MetricsFileCallback(run), CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
                    stop, *callbacks],
     )
     trainer.remove_callback(ProgressCallback)

@@ -1,7 +1,8 @@
-"""Keep secrets out of every file affinage writes for people to read or publish.
+"""Scrubbing: keep secrets out of every file affinage writes.
 
-Reports, manifests, cards and summaries are meant to be shared, so nothing from the environment
-that looks like a credential may reach them. Two nets:
+Run directories, job scripts, reports, manifests and cards are read and shared by other people, so
+nothing that looks like a credential may reach them. The writers of :mod:`affinage.run` call
+:func:`scrub` on everything they write. Two nets:
 
 1. the *values* of environment variables that hold credentials (``HF_TOKEN``, ``WANDB_API_KEY``,
    any name containing TOKEN, SECRET, PASSWORD, API_KEY, ACCESS_KEY or CREDENTIAL) are replaced
@@ -15,10 +16,8 @@ start-up is covered too. Nothing here ever writes the environment anywhere.
 
 from __future__ import annotations
 
-import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 REDACTED = "[redacted]"
@@ -69,19 +68,3 @@ def scrub_data(data: Any, environ: dict | None = None) -> Any:
     if isinstance(data, (list, tuple)):
         return [scrub_data(v, environ) for v in data]
     return data
-
-
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` atomically after scrubbing it (every reader-facing file goes through here)."""
-    from affinage.run import atomic_write_text
-
-    path = Path(path)
-    atomic_write_text(path, scrub(text))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)  # mkstemp creates 0600 files: reports are meant to be read by the project group
-    return path
-
-
-def write_json(path: Path, data: Any) -> Path:
-    return write_text(path, json.dumps(scrub_data(data), indent=2, ensure_ascii=False, default=str) + "\n")

@@ -1,0 +1,24 @@
+"""`affinage plan` counts the training records prepare will keep."""
+
+from __future__ import annotations
+
+from affinage.plan import _count_records
+from affinage.recipe.loader import load_recipe_dict
+from testlib import DEMO_DATA
+
+
+def test_plan_counts_training_records_with_the_heldout_cap(tiny_llama_dir):
+    path = DEMO_DATA / "qa_culture.jsonl"
+    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+
+    def recipe(**data):
+        return load_recipe_dict({
+            "name": "plan-count", "task": "sft", "model": {"name_or_path": str(tiny_llama_dir)},
+            "data": {"sources": [{"path": str(path), "format": "chat"}], **data},
+            "training": {"global_batch_size": 4, "duration": "1 epochs"},
+        })
+
+    assert _count_records(recipe()) == lines
+    assert _count_records(recipe(heldout_fraction=0.5)) == lines - int(lines * 0.5 + 0.5)
+    # heldout_max caps what leaves training: prepare keeps all but 2 records for training
+    assert _count_records(recipe(heldout_fraction=0.5, heldout_max=2)) == lines - 2
