@@ -18,7 +18,8 @@ from affinage.data.batches import PackedCollator, PackedDataset
 from affinage.data.collate import LossMaskCollator
 from affinage.data.prepare import prepare
 from affinage.recipe.schema import Recipe
-from affinage.train.loss import AffinageTrainer, selective_lm_loss, use_varlen_attention
+from affinage.train.attention import use_varlen_attention
+from affinage.train.loss import AffinageTrainer, selective_lm_loss
 
 TOKEN_TOL = 2e-5
 

@@ -149,7 +149,8 @@ def train(
     from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer
     from affinage.train import checkpoint as ckpt
-    from affinage.train.loss import AffinageTrainer, use_varlen_attention
+    from affinage.train.attention import use_varlen_attention
+    from affinage.train.loss import AffinageTrainer
     from affinage.train.callbacks import (
         CompleteCheckpointCallback,
         MetricsFileCallback,
