@@ -215,6 +215,7 @@ def train(
         eval_dataset=PackedDataset(data.heldout) if data.heldout is not None else None,
         data_collator=PackedCollator(tokenizer.pad_token_id, task=recipe.task),
         processing_class=tokenizer,
+        loss_spec=recipe.training.loss,
         callbacks=[
             MetricsFileCallback(run.metrics),
             CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),

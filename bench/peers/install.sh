@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Install the peer fine-tuning tools that bench/bench_sft.py compares against, each in its own venv,
+# with torch pinned to the project's CPU build (without the pin pip pulls ~5.5 GB of CUDA wheels).
+#
+#   bench/peers/install.sh [DEST]      # default DEST: ~/.cache/affinage/peers
+#
+# Writes DEST/<peer>/ (a venv) and DEST/<peer>.log (pip's output); prints one line per peer: installed
+# (version) or FAILED with pip's last error line. bench_sft.py reads the same folders (--peers DEST).
+set -u
+DEST="${1:-${AFFINAGE_PEERS:-$HOME/.cache/affinage/peers}}"
+PY="${PYTHON:-python3.11}"
+TORCH="${TORCH_PIN:-torch==2.13.0}"
+mkdir -p "$DEST"
+declare -A PKG=(
+  [llamafactory]="llamafactory==0.9.5"
+  [axolotl]="axolotl==0.21.0"
+)
+for peer in llamafactory axolotl; do
+  venv="$DEST/$peer"; log="$DEST/$peer.log"
+  : >"$log"
+  if [ ! -x "$venv/bin/python" ]; then "$PY" -m venv "$venv" >>"$log" 2>&1; fi
+  echo "$TORCH" >"$DEST/$peer.constraints"
+  if "$venv/bin/pip" install -q "$TORCH" >>"$log" 2>&1 \
+     && "$venv/bin/pip" install -q -c "$DEST/$peer.constraints" "${PKG[$peer]}" >>"$log" 2>&1; then
+    ver=$("$venv/bin/pip" show "${PKG[$peer]%%==*}" 2>/dev/null | awk '/^Version:/{print $2}')
+    echo "$peer: installed $ver ($venv)"
+  else
+    echo "$peer: FAILED: $(grep -E 'ERROR|error:' "$log" | tail -n 1)  (full log: $log)"
+  fi
+done
