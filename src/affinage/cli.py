@@ -69,7 +69,7 @@ def cmd_train(args) -> int:
 
     from affinage.recipe.loader import load_recipe_with_sources
 
-    from affinage.distributed.strategies import finish_distributed, launched
+    from affinage.distributed.process import finish_distributed, launched
 
     if args.nproc is not None and args.nproc < 1:
         raise _usage_error("--nproc must be at least 1")
@@ -123,7 +123,7 @@ def cmd_plan(args) -> int:
 
     recipe = _load(args, world_size=args.world_size)
     plan = make_plan(recipe, world_size=args.world_size, gpu=args.gpu)
-    if recipe.distributed.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload"):
+    if recipe.distributed.sharded:
         from affinage.distributed.configs import config_path, model_hidden_size, render
 
         # the strategy's file, filled from the recipe and checked (DeepSpeed's own parser) as a GPU run would
@@ -161,6 +161,12 @@ def cmd_prepare(args) -> int:
     print(format_prepare_summary(cache))
     print(f"statistics      {run.data_stats}")
     return 0
+
+
+def cmd_inspect(args) -> int:
+    from affinage.inspect_data import run_inspect
+
+    return run_inspect(_load(args), samples=args.samples, as_json=args.json, split=args.split)
 
 
 def cmd_merge(args) -> int:
@@ -217,6 +223,12 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--run-dir", help="run directory for data_stats.json (default: the recipe's output.dir)")
     c.set_defaults(func=cmd_prepare)
 
+    c = recipe_cmd("inspect", "show what the model is trained on: samples of the prepared data with loss-bearing text marked")
+    c.add_argument("--samples", type=int, default=3, help="how many samples (default 3)")
+    c.add_argument("--json", action="store_true", help="one JSON object per sample: segments [{text, loss}] covering it")
+    c.add_argument("--split", choices=["train", "heldout"], default="train")
+    c.set_defaults(func=cmd_inspect)
+
     c = sub.add_parser("merge", help="merge a run's LoRA adapter into its base model (safetensors)")
     c.add_argument("run_dir", help="run directory of a finished LoRA/QLoRA run")
     c.add_argument("--out", help="output folder (default: RUN_DIR/merged)")
@@ -228,10 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("eval", help="evaluate a run (fine-tuned vs base) or a model folder; writes eval/ and report.md")
     c.add_argument("target", help="run directory, model folder, or a model id found offline")
     c.add_argument("--tasks", help="comma-separated kinds (perplexity,mcq,generation,lm_eval) or set names (default: all)")
-    c.add_argument("--spec", help="YAML file with an eval section (default: the run's recipe eval:)")
-    c.add_argument("--ppl", action="append", default=[], metavar="NAME=PATH", help="held-out text to score (repeatable)")
-    c.add_argument("--forgetting", action="append", default=[], metavar="NAME=PATH", help="general text that should not get worse (repeatable)")
-    c.add_argument("--mcq", action="append", default=[], metavar="NAME=PATH", help="multiple-choice JSONL items (repeatable)")
+    c.add_argument("--spec", help="YAML file with an eval section: its sets are added to the recipe's (with --replace it is the whole spec)")
+    c.add_argument("--ppl", action="append", default=[], metavar="NAME=PATH[,k=v]",
+                   help="held-out text to score, added to the recipe's sets (repeatable; options: text_field, role, group_field, max_records)")
+    c.add_argument("--forgetting", action="append", default=[], metavar="NAME=PATH[,k=v]", help="general text that should not get worse (repeatable)")
+    c.add_argument("--mcq", action="append", default=[], metavar="NAME=PATH[,k=v]",
+                   help="multiple-choice JSONL items (repeatable; options: role, template, num_fewshot, question_field, "
+                   "choices_field, answer_field, group_field, max_items)")
+    c.add_argument("--replace", action="store_true", help="the command line's sets replace the recipe's instead of adding to them")
+    c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a key of the run's recipe, e.g. --set eval.bootstrap=5000 (repeatable)")
     c.add_argument("--prompts", metavar="PATH", help="prompts to complete (.txt, one per line, or .jsonl with 'prompt')")
     c.add_argument("--base", help="model to compare with (default: the run's base model)")
     c.add_argument("--no-base", action="store_true", help="evaluate only the fine-tuned model")
@@ -244,14 +261,26 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("card", help="rewrite a run's provenance.json, model card, AI Act summary and report.md")
     c.add_argument("run_dir", help="run directory")
     c.set_defaults(func=cmd_card)
+
+    c = sub.add_parser("recipes", help="list the shipped recipes, or copy one (with its data) to edit and run it")
+    what = c.add_subparsers(dest="recipes_command", required=True)
+    w = what.add_parser("list", help="name, task, method, model and description of every shipped recipe")
+    w.set_defaults(func=cmd_recipes_list)
+    w = what.add_parser("copy", help="copy a shipped recipe and the files it names (base, data, eval sets, model config)")
+    w.add_argument("name", help="recipe as listed (demo/full/cpt) or its name: (demo-cpt)")
+    w.add_argument("dest", help="folder to copy into, keeping the tree's layout (created; existing files are never overwritten)")
+    w.set_defaults(func=cmd_recipes_copy)
     return p
 
 
 def cmd_eval(args) -> int:
-    from affinage.eval.runner import adhoc_spec, format_results, load_spec_file, run_eval
+    from affinage.eval.console import format_results
+    from affinage.eval.specs import adhoc_spec, combine, load_spec_file
+    from affinage.evaluate import evaluate
 
-    spec = load_spec_file(args.spec) if args.spec else adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts)
-    results = run_eval(args.target, spec=spec, tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
+    # --spec's sets and the --ppl/--mcq ones are added to the recipe's (--replace: they are the whole spec)
+    extra = combine(load_spec_file(args.spec) if args.spec else None, adhoc_spec(args.ppl, args.forgetting, args.mcq, args.prompts))
+    results = evaluate(args.target, extra=extra, replace=args.replace, overrides=args.set or (), tasks=args.tasks.split(",") if args.tasks else None, base=args.base,
                        compare_base=False if args.no_base else None, out_dir=args.out, limit=args.limit,
                        batch_size=args.batch_size, device=args.device)
     print(format_results(results))
@@ -263,6 +292,25 @@ def cmd_card(args) -> int:
 
     for what, path in regenerate(args.run_dir).items():
         print(f"{what:<15} {path}")
+    return 0
+
+
+def cmd_recipes_list(args) -> int:
+    from affinage.recipes_catalog import catalog, format_catalog
+
+    print(format_catalog(catalog()))
+    return 0
+
+
+def cmd_recipes_copy(args) -> int:
+    from affinage.recipes_catalog import copy_recipe, find_recipe, prerequisite
+
+    copied = copy_recipe(args.name, args.dest)
+    print(f"copied {len(copied.files)} files into {args.dest}; the recipe is {copied.recipe}")
+    first = prerequisite(find_recipe(args.name))
+    if first is not None:
+        print(f"it starts from the model {first.key} trains ({first.output}/final): copy and train that one first")
+    print(f"next: affinage plan {copied.recipe}   then   affinage train {copied.recipe}")
     return 0
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from affinage.distributed.memory import MemoryEstimate, estimate_memory, human_bytes
 from affinage.recipe.schema import Recipe
+from affinage.model.load import count_parameters
 
 
 @dataclass
@@ -208,8 +209,7 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
     path = resolve_model_path(recipe.model.name_or_path, revision=recipe.model.revision, mirrors=recipe.model.mirrors)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=recipe.model.trust_remote_code)
     model = _meta_model(recipe, config)
-    total = sum(p.numel() for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total, trainable = count_parameters(model)
     if recipe.method.kind == "full":
         trainable = total
     notes: list[str] = []
@@ -253,7 +253,7 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         world_size=world_size,
         params_layer=_layer_params(model, layers),
     )
-    from affinage.distributed.memory import STRATEGIES
+    from affinage.sharding import STRATEGIES
     from affinage.recipe.schema import DistributedSpec
 
     def per_strategy(trainable_params: int, quantized: bool) -> dict[str, MemoryEstimate]:

@@ -8,10 +8,8 @@ architecture), and the data under ``$WORK/data``.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
-
 from testlib import REPO, needs_shared, shared_dir
 
 # Qwen2.5-7B-Instruct's published architecture (the shared folder has its tokenizer, not its config).

@@ -18,7 +18,7 @@ TOK = SimpleNamespace(pad_token_id=0, eos_token_id=2)
 def test_right_padding_labels_and_attention():
     batch = LossMaskCollator(TOK)(
         [
-            TokenizedSample([5, 6, 7, 8], [X, X, 7, 8]),
+            TokenizedSample([5, 6, 7, 8], [False, False, True, True]),
             {"input_ids": [9, 10], "labels": [X, 10]},
         ]
     )
@@ -30,7 +30,7 @@ def test_right_padding_labels_and_attention():
 
 def test_pad_falls_back_to_eos_and_multiple_of():
     c = LossMaskCollator(SimpleNamespace(pad_token_id=None, eos_token_id=2), pad_to_multiple_of=4)
-    batch = c([TokenizedSample([5, 6, 7, 8, 9], [X, X, X, 8, 9])])
+    batch = c([TokenizedSample([5, 6, 7, 8, 9], [False, False, False, True, True])])
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 2, 2, 2]]
     assert batch["labels"].tolist() == [[X, X, X, 8, 9, X, X, X]]
     with pytest.raises(DataError, match="no pad id"):
@@ -40,15 +40,15 @@ def test_pad_falls_back_to_eos_and_multiple_of():
 def test_sft_batch_without_loss_tokens_raises():
     c = LossMaskCollator(TOK, task="sft")
     with pytest.raises(DataError, match="batch has no loss-bearing token"):
-        c([TokenizedSample([5, 6], [X, X]), TokenizedSample([7], [X])])
+        c([TokenizedSample([5, 6], [False, False]), TokenizedSample([7], [False])])
 
 
 def test_sft_batch_with_full_loss_mask_raises():
     c = LossMaskCollator(TOK, task="sft")
     with pytest.raises(DataError, match="loss mask covers the whole sequence"):
-        c([TokenizedSample([5, 6, 7], [5, 6, 7]), TokenizedSample([8], [8])])
+        c([TokenizedSample([5, 6, 7], [True, True, True]), TokenizedSample([8], [True])])
     # one prompt token anywhere in the batch is enough
-    c([TokenizedSample([5, 6, 7], [5, 6, 7]), TokenizedSample([8, 9], [X, 9])])
+    c([TokenizedSample([5, 6, 7], [True, True, True]), TokenizedSample([8, 9], [False, True])])
 
 
 def test_cpt_has_no_mask_check_and_labels_default_to_ids():

@@ -190,7 +190,7 @@ def test_cpt_chunks_and_duplicate_source_names(tmp_path, trained_tokenizer):
     assert one["samples"] == sum(-(-n // 32) for n in lengths)
     assert one["split_documents"] == sum(1 for n in lengths if n > 32)
     assert data.stats["sources"]["t.jsonl#2"]["train"]["tokens"] == 2 * one["tokens"]
-    assert all(s.labels == s.input_ids and len(s.input_ids) <= 32 for s in data.train)
+    assert all(all(s.loss_mask) and len(s.input_ids) <= 32 for s in data.train)
     assert data.train[0].input_ids[0] == trained_tokenizer.bos_token_id
 
 

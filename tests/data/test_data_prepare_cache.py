@@ -125,7 +125,7 @@ def test_cache_rows_hold_exactly_the_samples_of_build_datasets(tmp_path, trained
     def expected(samples):
         c = Counter()
         for s in samples:
-            mask = [0] + [int(lab != -100) for lab in s.labels[1:]]
+            mask = [0] + [int(m) for m in s.loss_mask[1:]]
             c[(tuple(s.input_ids), tuple(mask))] += 1
         return c
 

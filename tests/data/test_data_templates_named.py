@@ -9,7 +9,6 @@ import pytest
 
 from affinage.data.errors import DataError
 from affinage.data.templates import (
-    IGNORE_INDEX,
     NAMED_TEMPLATES,
     decode_spans,
     find_assistant_spans,
@@ -48,7 +47,7 @@ def test_named_template_masks_exactly_the_replies(trained_tokenizer, name, expec
     assert runs == expected
     for text in USERS + [SYSTEM]:
         assert text not in "".join(runs)
-    unlabelled = trained_tokenizer.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab == IGNORE_INDEX])
+    unlabelled = trained_tokenizer.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if not m])
     assert all(text in unlabelled for text in USERS + [SYSTEM])
 
 
@@ -116,7 +115,7 @@ def test_named_mistral_rejects_non_alternating(trained_tokenizer):
 
 def test_truncation_inside_the_reply_keeps_partial_labels(trained_tokenizer):
     full = tokenize_chat(trained_tokenizer, CONV[1:3], 2048, chat_template=NAMED_TEMPLATES["chatml"])
-    first = next(i for i, lab in enumerate(full.labels) if lab != IGNORE_INDEX)
+    first = full.loss_mask.index(True)
     cut = tokenize_chat(trained_tokenizer, CONV[1:3], first + 2, chat_template=NAMED_TEMPLATES["chatml"])
     assert cut.truncated and cut.num_loss_tokens == 2
     none_left = tokenize_chat(trained_tokenizer, CONV[1:3], first, chat_template=NAMED_TEMPLATES["chatml"])
@@ -130,7 +129,7 @@ def test_tokenize_text_adds_bos_eos_and_chunks(trained_tokenizer):
     flat = [t for s in samples for t in s.input_ids]
     assert flat == [trained_tokenizer.bos_token_id] + ids + [trained_tokenizer.eos_token_id]
     assert all(len(s.input_ids) <= 16 for s in samples)
-    assert all(s.labels == s.input_ids for s in samples)
+    assert all(all(s.loss_mask) for s in samples)
     assert len(samples) == -(-len(flat) // 16)
     one = tokenize_text(trained_tokenizer, "Rennes.", max_length=64)
     assert len(one) == 1 and not one[0].truncated
@@ -145,8 +144,68 @@ def test_tokenize_text_without_bos(trained_tokenizer):
     assert samples[0].input_ids[-1] == trained_tokenizer.eos_token_id
 
 
-def test_label_rule_start_inside_or_straddling_span_start():
-    from affinage.data.templates import _labels_from_spans
+def test_mask_rule_overlap_and_special_tokens_only_when_inside():
+    from affinage.data.templates import mask_from_spans
 
     offsets = [(0, 3), (3, 6), (6, 9), (9, 12), (12, 12), (14, 16)]
-    assert _labels_from_spans(offsets, [(4, 9), (12, 15)]) == [False, True, True, False, True, True]
+    ids = [10, 11, 12, 13, 14, 15]
+    assert mask_from_spans(offsets, ids, [(4, 9), (12, 15)], set()) == [False, True, True, False, True, True]
+    # token 11 (3, 6) straddles the span start: a plain token carries loss, a special one does not
+    assert mask_from_spans(offsets, ids, [(4, 9), (12, 15)], {11, 15}) == [False, False, True, False, True, False]
+    assert mask_from_spans(offsets, ids, [(3, 9)], {11}) == [False, True, True, False, False, False]
+
+
+def test_prepare_names_record_turn_and_fix_when_the_template_refuses_a_system_message(trained_tokenizer, tmp_path):
+    """Gemma-2-style template (written here) that raises on a system role: prepare stops with the
+    file:line, the message index and the recipe key that fixes it; with that key the record trains."""
+    import numpy as np
+
+    from affinage.data.prepare import prepare
+    from data_helpers import make_recipe, write_jsonl
+
+    refuse = (
+        "{%- if messages[0]['role'] == 'system' %}{{- raise_exception('System role not supported') }}{%- endif %}"
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] | trim + '<|im_end|>\\n' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+    )
+    (tmp_path / "refuse.jinja").write_text(refuse, encoding="utf-8")
+    data = write_jsonl(tmp_path / "a.jsonl", [{"messages": CONV}] * 4)
+    src = [{"path": str(data), "name": "a"}]
+    recipe = make_recipe(src, chat_template=str(tmp_path / "refuse.jinja"), max_length=256, num_proc=1, cache_dir=str(tmp_path / "c"))
+    with pytest.raises(DataError, match=r"a.jsonl:1: .*messages\[0\]: System role not supported.*data.system: merge_into_first_user"):
+        prepare(recipe, trained_tokenizer, progress=False)
+    fixed = make_recipe(src, chat_template=str(tmp_path / "refuse.jinja"), max_length=256, num_proc=1,
+                        cache_dir=str(tmp_path / "c"), system="merge_into_first_user")
+    cache = prepare(fixed, trained_tokenizer, progress=False)
+    row = cache.train[0]
+    ids, mask = row["input_ids"][: row["seq_lens"][0]], row["loss_mask"][: row["seq_lens"][0]]
+    text = trained_tokenizer.decode(ids.tolist())
+    assert text.startswith("<|im_start|>user\n" + SYSTEM + "\n\n" + USERS[0])
+    assert trained_tokenizer.decode(ids[np.asarray(mask, bool)].tolist()) == "".join(a + "<|im_end|>" for a in ANSWERS)
+
+
+def test_template_with_eos_only_after_the_last_message(trained_tokenizer):
+    """The issue's case: EOS only at the very end, so an earlier reply renders differently in a
+    prefix (where it is last) than in the whole conversation. Each reply is still found; the
+    earlier ones carry no marker because the template writes none after them."""
+    eos_at_end = (
+        "{%- for m in messages %}{{- '<|im_start|>' + m['role'] + '\\n' + m['content'] }}{%- if not loop.last %}{{- '\\n' }}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '\\n<|im_start|>assistant\\n' }}{%- else %}{{- eos_token }}{%- endif %}"
+    )
+    sample = tokenize_chat(trained_tokenizer, CONV, 2048, chat_template=eos_at_end)
+    assert decode_spans(trained_tokenizer, sample) == [ANSWERS[0], ANSWERS[1] + "</s>"]
+
+
+def test_reply_with_leading_whitespace_never_trains_the_role_header(trained_tokenizer):
+    """The issue's other case: '<|assistant|>'-style header then a reply starting with blanks."""
+    phi = (
+        "{%- for m in messages %}{{- '<|' + m['role'] + '|>' + m['content'] + '<|im_end|>' }}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{- '<|assistant|>' }}{%- endif %}"
+    )
+    trained_tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>", "<|assistant|>", "<|system|>"]})
+    conv = [{"role": "user", "content": "Où ?"}, {"role": "assistant", "content": "   \n À Rennes."}]
+    sample = tokenize_chat(trained_tokenizer, conv, 256, chat_template=phi)
+    header = trained_tokenizer.convert_tokens_to_ids("<|assistant|>")
+    assert header in sample.input_ids
+    assert not sample.loss_mask[sample.input_ids.index(header)]
+    assert decode_spans(trained_tokenizer, sample) == ["   \n À Rennes.<|im_end|>"]

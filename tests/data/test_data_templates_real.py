@@ -9,7 +9,7 @@ import pytest
 
 from affinage.data.errors import DataError
 from affinage.data.formats import to_canonical
-from affinage.data.templates import IGNORE_INDEX, decode_spans, find_assistant_spans, tokenize_chat
+from affinage.data.templates import decode_spans, find_assistant_spans, tokenize_chat
 from data_helpers import END_MARKER, REAL_TOKENIZERS, SHARED, TRIMS_CONTENT, needs_shared, real_tokenizer
 
 pytestmark = [pytest.mark.shared, needs_shared]
@@ -40,16 +40,14 @@ def test_multiturn_labels_are_exactly_the_assistant_turns(name, with_system):
     sample = tokenize_chat(tok, messages, max_length=4096)
 
     assert not sample.truncated
-    assert len(sample.input_ids) == len(sample.labels)
-    # loss-bearing positions carry the token itself, the rest -100
-    assert all(lab in (tid, IGNORE_INDEX) for tid, lab in zip(sample.input_ids, sample.labels))
+    assert len(sample.input_ids) == len(sample.loss_mask)
     runs = decode_spans(tok, sample)
     assert runs == expected_runs(name, ANSWERS)
     labelled = "".join(runs)
     for text in USER_TEXTS + [SYSTEM]:
         assert text not in labelled
     # every user turn (and the system prompt where the template renders it) is in the unlabelled part
-    unlabelled = tok.decode([t for t, lab in zip(sample.input_ids, sample.labels) if lab == IGNORE_INDEX])
+    unlabelled = tok.decode([t for t, m in zip(sample.input_ids, sample.loss_mask) if not m])
     for text in USER_TEXTS:
         assert text in unlabelled
     if with_system:
@@ -112,7 +110,7 @@ def test_trailing_user_turn_is_left_out(name):
     extra = CONVERSATION + [{"role": "user", "content": "Une dernière question sans réponse ?"}]
     a = tokenize_chat(tok, extra, max_length=4096)
     b = tokenize_chat(tok, CONVERSATION, max_length=4096)
-    assert a.input_ids == b.input_ids and a.labels == b.labels
+    assert a.input_ids == b.input_ids and a.loss_mask == b.loss_mask
 
 
 @pytest.mark.parametrize("name", REAL_TOKENIZERS)
@@ -122,7 +120,7 @@ def test_right_truncation_keeps_the_head_and_flags_it(name):
     cut = tokenize_chat(tok, CONVERSATION, max_length=len(full.input_ids) - 5)
     assert cut.truncated and not full.truncated
     assert cut.input_ids == full.input_ids[:-5]
-    assert cut.labels == full.labels[:-5]
+    assert cut.loss_mask == full.loss_mask[:-5]
 
 
 def piaf_conversations(n=50, seed=0):
@@ -141,6 +139,6 @@ def test_piaf_property_labels_are_the_answer(name):
         assert sample.num_loss_tokens > 0
         assert decode_spans(tok, sample) == expected_runs(name, [answer])
         # everything before the reply (which quotes the answer) is unlabelled
-        first = next(i for i, lab in enumerate(sample.labels) if lab != IGNORE_INDEX)
-        assert all(lab == IGNORE_INDEX for lab in sample.labels[:first])
+        first = sample.loss_mask.index(True)
+        assert not any(sample.loss_mask[:first])
         assert messages[0]["content"].split("Question :")[1].strip()[:20] in tok.decode(sample.input_ids[:first])

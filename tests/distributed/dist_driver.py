@@ -60,7 +60,7 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[])
     a = p.parse_args()
     _quiet_libraries()
-    from affinage.distributed.strategies import finish_distributed
+    from affinage.distributed.process import finish_distributed
     from affinage.recipe.loader import load_recipe
     from affinage.run import RunDir
     from affinage.train.trainer import STOP_FILE, train, world_size_from_env

@@ -123,7 +123,7 @@ def launch_driver(recipe: Path, nproc: int, out: Path, *, ref: Path | None = Non
 
 
 def runtime(run_dir: Path) -> dict:
-    from affinage.distributed.strategies import read_runtime
+    from affinage.distributed.runtime import read_runtime
 
     return read_runtime(run_dir)
 

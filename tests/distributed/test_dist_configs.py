@@ -236,3 +236,23 @@ def test_dist_relaunch_reports_a_requested_stop_as_exit_3(tmp_path, monkeypatch)
     cmd, env = calls[0]
     assert cmd[1:4] == ["-m", "torch.distributed.run", "--standalone"] and cmd[-1] == "--fresh"
     assert "--nproc_per_node=2" in cmd
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_auto_sizes_equal_what_transformers_fills(stage, tmp_path):
+    """Our pre-model fill of the hidden-size "auto" keys is transformers' own formula (no drift)."""
+    from types import SimpleNamespace
+
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    from affinage.distributed.configs import _auto_sizes
+
+    keys = ("reduce_bucket_size", "stage3_prefetch_bucket_size", "stage3_param_persistence_threshold")
+    zero = {"stage": stage, **{k: "auto" for k in keys}}
+    theirs = HfTrainerDeepSpeedConfig({"zero_optimization": dict(zero), "train_micro_batch_size_per_gpu": 1})
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    theirs.trainer_config_finalize(args, SimpleNamespace(config=SimpleNamespace(hidden_size=96)), 10)
+    _auto_sizes(zero, 96)
+    filled = {k: v for k, v in theirs.config["zero_optimization"].items() if v != "auto"}
+    assert filled and all(zero[k] == v for k, v in filled.items()), (zero, theirs.config["zero_optimization"])

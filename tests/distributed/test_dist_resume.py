@@ -79,7 +79,7 @@ def test_dist_resume_with_another_strategy_is_refused(tmp_path):
 
     The folders mimic what each strategy writes (file names as in the runs of test_dist_strategies).
     """
-    from affinage.distributed.strategies import StrategyError, check_resume_compatible, checkpoint_kind
+    from affinage.distributed.checkpoints import StrategyError, check_resume_compatible, checkpoint_kind
 
     layouts = {
         "deepspeed": ["global_step3/zero_pp_rank_0_mp_rank_00_optim_states.pt", "latest", "trainer_state.json"],

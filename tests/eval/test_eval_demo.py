@@ -6,7 +6,7 @@ import json
 import re
 
 
-from affinage.eval.runner import run_eval
+from affinage.evaluate import evaluate as run_eval  # eval, then report and card, as `affinage eval`
 from affinage.eval.sets import read_mcq, read_prompts, read_texts
 from affinage.provenance import write_run_provenance
 from affinage.recipe.loader import load_recipe, write_resolved

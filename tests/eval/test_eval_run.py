@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from affinage.cli import main
-from affinage.eval.runner import run_eval
+from affinage.evaluate import evaluate as run_eval  # eval, then report and card, as `affinage eval`
 from affinage.recipe.loader import load_recipe_dict
 from affinage.run import RunDir
 from affinage.train.trainer import train
@@ -118,3 +118,31 @@ def test_eval_without_any_set_says_what_to_write(tmp_path, lora_run, capsys):
     assert "nothing to evaluate" in capsys.readouterr().err
     assert main(["eval", str(run.root), "--tasks", "nope"]) == 2
     assert "--tasks: unknown nope" in capsys.readouterr().err
+
+
+def test_eval_frictions_command_line_sets_add_set_and_tasks(lora_run, tmp_path, capsys):
+    """Issue 16's frictions: command-line sets add to the recipe's (--replace replaces), --set is accepted,
+    a command-line set name works in --tasks, --mcq takes the recipe's keys, bad targets and limits are clear."""
+    run, heldout = lora_run
+    renamed = write_jsonl(tmp_path / "qcm.jsonl", [{"question": it["question"], "choices": it["choices"],
+                                                    "answer_index": "ABCD"[it["answer"]]} for it in LAW_ITEMS])
+    out = tmp_path / "added"
+    code = main(["eval", str(run.root), "--mcq", f"qcm-renamed={renamed},answer_field=answer_index,role=forgetting",
+                 "--tasks", "qcm-renamed,law", "--set", "eval.bootstrap=200", "--limit", "2", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    res = json.loads((out / "eval" / "results.json").read_text())
+    assert [e["name"] for e in res["mcq"]] == ["qcm-renamed"] and res["mcq"][0]["role"] == "forgetting"
+    assert [e["name"] for e in res["perplexity"]] == ["law"]  # the recipe's set, kept beside the command line's
+    assert res["settings"]["bootstrap"] == 200 and "chance" in res["mcq"][0]
+    assert "chance" in capsys.readouterr().out
+    out2 = tmp_path / "replaced"
+    assert main(["eval", str(run.root), "--ppl", f"only={heldout}", "--replace", "--limit", "2", "--out", str(out2)]) == 0
+    res = json.loads((out2 / "eval" / "results.json").read_text())
+    assert [e["name"] for e in res["perplexity"]] == ["only"] and res["mcq"] == []
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "nowhere")]) == 2
+    assert "no such run directory or model folder" in capsys.readouterr().err
+    assert main(["eval", str(run.root), "--limit", "-5"]) == 2
+    assert "--limit -5" in capsys.readouterr().err
+    assert main(["eval", str(run.final), "--mcq", f"x={renamed},colour=blue", "--no-base"]) == 2
+    assert "'colour' is not an option of a mcq set" in capsys.readouterr().err

@@ -8,7 +8,7 @@ import socket
 import pytest
 
 from affinage.model.errors import ModelFolderError, ModelNotFoundError
-from affinage.model.resolve import resolve_model_path
+from affinage.model.resolve import forget_resolved, resolve_model_path
 
 
 def _model_folder(path, files=("config.json",)):
@@ -34,6 +34,7 @@ def clean_env(monkeypatch, tmp_path):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.chdir(tmp_path)
+    forget_resolved()
     return monkeypatch
 
 
@@ -91,6 +92,7 @@ def test_hf_cache_without_refs_main(clean_env, tmp_path):
     only = _hf_cache(cache, commit="c1", refs={})
     assert resolve_model_path("org/name") == only.resolve()  # a single snapshot is unambiguous
     _hf_cache(cache, commit="c2", refs={})
+    forget_resolved()  # the cache changed under this process (resolution is remembered per process)
     with pytest.raises(ModelNotFoundError, match="set model.revision"):
         resolve_model_path("org/name")
 
@@ -163,3 +165,36 @@ def test_cache_snapshot_must_hold_a_model(clean_env, tmp_path):
     with pytest.raises(ModelNotFoundError, match="no config.json"):
         resolve_model_path("org/name")
     assert resolve_model_path("org/name", kind="tokenizer") == snap.resolve()
+
+
+def test_hf_cache_resolution_agrees_with_huggingface_hub(clean_env, tmp_path, no_network):
+    """Where huggingface_hub finds a snapshot offline, we find the same folder (ours adds diagnostics)."""
+    from huggingface_hub import snapshot_download
+
+    cache = tmp_path / "hub"
+    clean_env.setenv("HF_HUB_CACHE", str(cache))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _hf_cache(cache, commit="1111111111111111111111111111111111111111", refs={"main": "1111111111111111111111111111111111111111"})
+    _hf_cache(cache, commit=commit, refs={"v1.0": commit})
+    for ref in (cache / "models--org--name" / "refs").iterdir():  # huggingface_hub writes refs without a newline
+        ref.write_text(ref.read_text().strip())
+    for revision in (None, "v1.0", commit):
+        theirs = snapshot_download("org/name", revision=revision, cache_dir=str(cache), local_files_only=True)
+        assert resolve_model_path("org/name", revision=revision) == type(resolve_model_path("org/name"))(theirs).resolve()
+
+
+def test_a_model_is_resolved_once_per_process(clean_env, tmp_path, monkeypatch):
+    import affinage.model.resolve as resolve
+
+    folder = _model_folder(tmp_path / "m")
+    calls = []
+    real = resolve._resolve
+    monkeypatch.setattr(resolve, "_resolve", lambda *a: calls.append(a) or real(*a))
+    assert resolve_model_path(str(folder)) == resolve_model_path(str(folder)) == folder.resolve()
+    assert len(calls) == 1
+    import shutil
+
+    shutil.rmtree(folder)  # a remembered folder that has gone is looked up again (and now fails)
+    with pytest.raises(ModelNotFoundError):
+        resolve_model_path(str(folder))
+    assert len(calls) == 2

@@ -13,7 +13,7 @@ import yaml
 from affinage.provenance import regenerate, write_run_provenance
 from affinage.provenance import compute, energy
 from affinage.provenance.language import detect
-from affinage.provenance.manifest import training_time
+from affinage.provenance.environment import training_time
 from affinage.provenance.secrets import REDACTED, scrub
 from affinage.recipe.loader import load_recipe_dict, write_resolved
 from affinage.run import RunDir

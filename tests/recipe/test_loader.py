@@ -288,3 +288,16 @@ def test_load_recipe_dict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     data["training"]["global_batch_size"] = "eight"
     with pytest.raises(RecipeError, match=r"^<recipe dict>: training.global_batch_size: expected a whole number"):
         load_recipe_dict(data)
+
+
+def test_a_local_model_folder_without_dot_slash_is_recorded_absolute(tmp_path, monkeypatch):
+    """`--set model.name_or_path=runs/x/final` from one folder must not mean another folder later (issue 16)."""
+    from affinage.recipe.loader import load_recipe_dict
+
+    (tmp_path / "runs" / "x" / "final").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    base = {"name": "r", "task": "cpt", "model": {"name_or_path": "org/name"},
+            "data": {"sources": [{"path": "d.jsonl"}]}, "training": {"global_batch_size": 2, "duration": "2 steps"}}
+    recipe = load_recipe_dict(base, overrides=["model.name_or_path=runs/x/final"])
+    assert recipe.model.name_or_path == str(tmp_path / "runs" / "x" / "final")
+    assert load_recipe_dict(base).model.name_or_path == "org/name"  # a hub id stays an id

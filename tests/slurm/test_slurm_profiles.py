@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from affinage.slurm.profiles import CLUSTERS_DIR, ProfileError, format_time, load_profile, parse_time, profile_names
+from affinage.resources import resource_path
+from affinage.slurm.profiles import ProfileError, format_time, load_profile, parse_time, profile_names
 
 
 def test_shipped_profiles_load():
@@ -111,7 +112,7 @@ def test_time_parsing():
 
 
 def local_profile_text() -> str:
-    return (CLUSTERS_DIR / "local.yaml").read_text(encoding="utf-8")
+    return resource_path("clusters", "local").read_text(encoding="utf-8")
 
 
 def test_profile_errors_name_file_and_key(tmp_path):
@@ -119,7 +120,8 @@ def test_profile_errors_name_file_and_key(tmp_path):
     path.write_text(local_profile_text() + "gpu_per_node: 2\n")
     with pytest.raises(ProfileError) as e:
         load_profile(path)
-    assert f"{path}: gpu_per_node: Extra inputs are not permitted" in str(e.value)
+    # the same translator as recipes: the key, a did-you-mean and the valid keys
+    assert f"{path}: gpu_per_node: unknown key 'gpu_per_node'. Did you mean 'gpus_per_node'?" in str(e.value)
 
     path.write_text(local_profile_text().replace("cache: ${TMPDIR:-/tmp}/affinage-cache", "cache: $HOME/.cache"))
     with pytest.raises(ProfileError, match=r"mine.yaml: storage.cache: .*under \$HOME"):

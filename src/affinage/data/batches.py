@@ -62,8 +62,10 @@ class PackedCollator:
             return ids, mask, seq
         # a plain sample (input_ids + labels): one segment
         ids = np.asarray(f["input_ids"] if isinstance(f, Mapping) else f.input_ids, dtype=np.int64)
-        labels = np.asarray(f.get("labels", ids) if isinstance(f, Mapping) else f.labels, dtype=np.int64)
-        mask = labels != IGNORE_INDEX
+        if isinstance(f, Mapping):
+            mask = np.asarray(f.get("labels", ids), dtype=np.int64) != IGNORE_INDEX
+        else:
+            mask = np.asarray(f.loss_mask, dtype=bool).copy()
         mask[:1] = False
         return ids, mask, np.asarray([len(ids)], dtype=np.int64)
 

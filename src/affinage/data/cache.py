@@ -31,94 +31,23 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from affinage.data.errors import DataError
+from affinage.hashing import sha256_json
+from affinage.paths import expand
 
 DATA_FORMAT_VERSION = 1
 ARRAYS = {"input_ids": np.uint32, "loss_mask": np.uint8, "seq_offsets": np.int64, "row_seq": np.int64}
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
-FILE_HASHES = "file-hashes.json"
 
 
 # ------------------------------------------------------------------------------------ location
 def cache_root(data_spec=None) -> Path:
     """``data.cache_dir``, else ``$AFFINAGE_CACHE``, else ``~/.cache/affinage`` (env vars and ~ expanded)."""
     raw = getattr(data_spec, "cache_dir", None) or os.environ.get("AFFINAGE_CACHE") or "~/.cache/affinage"
-    return Path(os.path.expanduser(os.path.expandvars(raw))).resolve()
-
-
-# -------------------------------------------------------------------------------------- hashing
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()
-
-
-class FileHasher:
-    """sha256 of files, remembered in ``<root>/file-hashes.json`` by (real path, size, mtime_ns).
-
-    An unchanged file is not read again; a file rewritten in place (new mtime or size) is. Folders
-    hash to the digest of their files' relative paths and hashes (weights skipped when asked).
-    """
-
-    def __init__(self, root: Optional[Path] = None):
-        self.root = root
-        self.path = root / FILE_HASHES if root else None
-        self.known: dict[str, str] = {}
-        self.dirty = False
-        if self.path and self.path.is_file():
-            try:
-                self.known = json.loads(self.path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                self.known = {}
-
-    def file(self, path: Path) -> str:
-        path = Path(path).resolve()
-        st = path.stat()
-        memo = f"{path}|{st.st_size}|{st.st_mtime_ns}"
-        digest = self.known.get(memo)
-        if digest is None:
-            digest = _sha256_file(path)
-            self.known[memo] = digest
-            self.dirty = True
-        return digest
-
-    def tree(self, path: Path, skip_weights: bool = False) -> str:
-        path = Path(path)
-        if path.is_file():
-            return self.file(path)
-        if not path.is_dir():
-            raise DataError(f"cannot hash {path}: no such file or folder", where=str(path), reason="missing path")
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            rel = p.relative_to(path).as_posix()
-            if rel.startswith(".") or "/." in rel:
-                continue
-            if skip_weights and p.suffix.lower() in WEIGHT_SUFFIXES:
-                continue
-            h.update(rel.encode() + b"\0" + self.file(p).encode() + b"\n")
-        return h.hexdigest()
-
-    def save(self) -> None:
-        if not (self.dirty and self.path):
-            return
-        from affinage.run import atomic_write_json
-
-        # keep the memo small: entries of files that no longer exist go
-        alive = {k: v for k, v in self.known.items() if Path(k.split("|", 1)[0]).exists()}
-        try:
-            atomic_write_json(self.path, alive)
-        except OSError:
-            pass  # a read-only cache root still works, only slower
-        self.dirty = False
+    return expand(raw).resolve()
 
 
 def tokenizer_fingerprint(tokenizer, with_template: bool = True) -> str:
@@ -134,12 +63,8 @@ def tokenizer_fingerprint(tokenizer, with_template: bool = True) -> str:
     return h.hexdigest()
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
-
-
 def key_of(inputs: dict) -> str:
-    return hashlib.sha256(canonical_json(inputs).encode()).hexdigest()[:32]
+    return sha256_json(inputs)[:32]
 
 
 # -------------------------------------------------------------------------------------- writing

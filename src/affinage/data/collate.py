@@ -45,7 +45,8 @@ class LossMaskCollator:
             ids = f["input_ids"]
             labels = f.get("labels", ids)
         else:
-            ids, labels = f.input_ids, f.labels
+            ids = f.input_ids
+            labels = [t if m else IGNORE_INDEX for t, m in zip(ids, f.loss_mask)]
         ids, labels = list(ids), list(labels)
         if len(ids) != len(labels):
             raise DataError(f"sample has {len(ids)} input_ids but {len(labels)} labels")

@@ -140,7 +140,7 @@ def _tokenize(src: _Source, idx, task, tokenizer, max_length, on_bad_record, des
         where, rec = src.records[i]
         try:
             if task == "sft":
-                out.append([tokenize_chat(tokenizer, rec["messages"], max_length)])
+                out.append([tokenize_chat(tokenizer, rec["messages"], max_length, tools=rec.get("tools"))])
             else:
                 out.append(tokenize_text(tokenizer, rec["text"], max_length))
         except DataError as e:

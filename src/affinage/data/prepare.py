@@ -34,7 +34,6 @@ import numpy as np
 
 from affinage.data.cache import (
     DATA_FORMAT_VERSION,
-    FileHasher,
     PreparedCache,
     build_lock,
     cache_root,
@@ -44,22 +43,17 @@ from affinage.data.cache import (
 )
 from affinage.data.dataset import check_kind, heldout_counts, source_names, weighted_indices
 from affinage.data.errors import DataError, SkipCounter
+from affinage.hashing import FileHasher, int_hash, sha256_text
+from affinage.paths import expand
 from affinage.data.filters import ExactDedup, LengthFilter, NearDedup, document_text
 from affinage.data.formats import canonical_kind, convert, detect_format
 from affinage.data.packing import Layout, layout_bfd, layout_concat, layout_single, padding_fraction
 from affinage.data.readers import read_source, source_path
-from affinage.data.templates import IGNORE_INDEX
+from affinage.hardware import usable_cpus
 
 NO_LIMIT = 1 << 40
 CHUNK_RECORDS = 64
 PERCENTILES = (50, 90, 99)
-
-
-def default_num_proc() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS
-        return max(1, os.cpu_count() or 1)
 
 
 # =========================================================================================== key
@@ -81,15 +75,9 @@ def _template_identity(recipe, hasher: FileHasher) -> Optional[str]:
     if not name or recipe.task != "sft":
         return None
     if name in NAMED_TEMPLATES:
-        return "named:" + name + ":" + str(hash_text(NAMED_TEMPLATES[name]))
-    path = Path(name).expanduser()
+        return "named:" + name + ":" + str(sha256_text(NAMED_TEMPLATES[name]))
+    path = expand(name)
     return "file:" + (hasher.file(path) if path.is_file() else f"missing:{name}")
-
-
-def hash_text(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def cache_key_inputs(recipe, tokenizer=None, hasher: Optional[FileHasher] = None) -> dict:
@@ -120,7 +108,7 @@ def cache_key_inputs(recipe, tokenizer=None, hasher: Optional[FileHasher] = None
     decon = None
     if data.decontamination is not None:
         decon = data.decontamination.model_dump(mode="json")
-        decon["eval_sha256"] = [hasher.tree(Path(os.path.expanduser(os.path.expandvars(f)))) for f in data.decontamination.eval_files]
+        decon["eval_sha256"] = [hasher.tree(expand(f)) for f in data.decontamination.eval_files]
     settings = data.model_dump(mode="json", exclude={"sources", "cache_dir", "num_proc", "decontamination"})
     return {
         "format_version": DATA_FORMAT_VERSION,
@@ -148,9 +136,9 @@ def _tokenize_one(tokenizer, task: str, max_length: int, packing: str, record: d
     from affinage.data.templates import tokenize_chat, tokenize_text
 
     if task == "sft":
-        s = tokenize_chat(tokenizer, record["messages"], NO_LIMIT)
+        s = tokenize_chat(tokenizer, record["messages"], NO_LIMIT, tools=record.get("tools"))
         ids = np.asarray(s.input_ids, dtype=np.uint32)
-        mask = np.asarray([lab != IGNORE_INDEX for lab in s.labels], dtype=np.uint8)
+        mask = np.asarray(s.loss_mask, dtype=np.uint8)
         full = len(ids)
         return [(ids[:max_length], mask[:max_length])], full, full > max_length
     chunks = tokenize_text(tokenizer, record["text"], NO_LIMIT)
@@ -301,7 +289,7 @@ def prepare(
             tokenizer = load_tokenizer(recipe.model)
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
         try:
-            _build(recipe, tokenizer, tmp, inputs, key, num_proc or recipe.data.num_proc or default_num_proc(), progress)
+            _build(recipe, tokenizer, tmp, inputs, key, num_proc or recipe.data.num_proc or usable_cpus(), progress)
             if force and final.exists():
                 shutil.rmtree(final)
             publish(tmp, final)
@@ -354,7 +342,7 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str, num_proc: int, 
                 try:
                     if fmt is None:
                         fmt = detect_format(raw.data, spec.text_field, spec.messages_field, raw.where)
-                    record = convert(raw, spec, fmt)
+                    record = convert(raw, spec, fmt, system=data.system)
                 except DataError as e:
                     if data.on_bad_record != "skip":
                         raise
@@ -519,7 +507,7 @@ def _pack_and_write(store: _SampleStore, folder: Path, data, seed: int, split: s
     uses = np.frombuffer(store.uses, dtype=np.int32).astype(np.int64)
     items = np.repeat(np.arange(len(lengths), dtype=np.int64), uses)  # a record of weight 2 is packed twice
     if data.shuffle and len(items):
-        perm = np.random.default_rng(abs(hash_int(f"{seed}/pack/{split}"))).permutation(len(items))
+        perm = np.random.default_rng(abs(int_hash(f"{seed}/pack/{split}"))).permutation(len(items))
         items = items[perm]
     item_len = lengths[items]
     if data.packing == "bfd":
@@ -532,12 +520,6 @@ def _pack_and_write(store: _SampleStore, folder: Path, data, seed: int, split: s
     if data.shuffle and data.packing != "concat":
         layout = layout.shuffled(f"{seed}/rows/{split}")
     return write_rows(ids, mask, offsets, layout, folder, data.max_length)
-
-
-def hash_int(text: str) -> int:
-    import hashlib
-
-    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
 
 
 def write_rows(ids, mask, offsets, layout: Layout, folder: Path, max_length: int) -> dict:

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
 from affinage.data.errors import DataError, SkipCounter
+from affinage.paths import expand
 
 JSON_SUFFIXES = (".jsonl", ".json")
 DATASET_MARKERS = ("dataset_info.json", "state.json", "dataset_dict.json")
@@ -45,7 +45,7 @@ class RawRecord:
 
 def source_path(spec) -> Path:
     """The source's path with ``~`` and environment variables expanded (cluster paths use $WORK, $DSDIR)."""
-    return Path(os.path.expanduser(os.path.expandvars(spec.path)))
+    return expand(spec.path)
 
 
 def read_source(spec, on_bad_record: str = "error", skips: Optional[SkipCounter] = None) -> Iterator[RawRecord]:

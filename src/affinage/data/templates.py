@@ -1,11 +1,13 @@
 """Chat templates and the SFT loss mask: which tokens the model is trained to produce.
 
-Real templates (Mistral v0.3, Qwen2.5, Lucie) have no ``{% generation %}`` markers, so the
-assistant spans are found by rendering incremental prefixes of the conversation: for assistant
-turn i, ``P_i`` = messages[:i] with the generation prompt and ``F_i`` = messages[:i+1] without it;
-the assistant part (content plus the end-of-turn marker the template emits) is what ``F_i`` adds to
-``P_i``. This works for any template that renders like the model sees at inference, with no
-per-family rules. Tokens are then labelled from character offsets (fast tokenizers only).
+Real templates have no ``{% generation %}`` markers, and many render a turn differently depending
+on what follows (EOS only after the last message, thinking dropped from earlier turns, trimmed
+whitespace, injected dates and system prompts). So spans are not found from exact prefixes: each
+assistant reply is located by rendering the conversation once more with that message replaced by a
+sentinel (the reply is where the two renderings differ), then widened to the end of its
+generation prompt and to the end-of-turn marker that follows it (``render_chat`` states the rule).
+Tokens are then masked from character offsets (fast tokenizers only); a special token carries loss
+only when the span holds all of it, so a role header never does.
 """
 
 from __future__ import annotations
@@ -67,15 +69,15 @@ TEMPLATE_MARKERS: dict[str, tuple[str, ...]] = {
 
 @dataclass
 class TokenizedSample:
-    """One training sequence; ``labels`` is -100 where no loss is taken."""
+    """One training sequence; ``loss_mask[i]`` is True where token i carries loss."""
 
     input_ids: list[int]
-    labels: list[int]
+    loss_mask: list[bool]
     truncated: bool = False
 
     @property
     def num_loss_tokens(self) -> int:
-        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+        return sum(self.loss_mask)
 
     def __len__(self) -> int:
         return len(self.input_ids)
@@ -134,137 +136,404 @@ def _template_label(tokenizer, chat_template: Optional[str]) -> str:
     return "the given chat template"
 
 
-def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, chat_template: Optional[str], label: str, turn: int) -> str:
+# ------------------------------------------------------------------------------- rendering
+# Marks one message's place in a rendering (private-use characters: no template trims, escapes or
+# splits on them, and no real text contains them).
+SENTINEL = "\ue000affinage\ue001"
+
+# End-of-turn markers of the families we know; with the tokenizer's EOS, the only text after a
+# reply that carries loss. A chain of them (Command-A: <|END_RESPONSE|><|END_OF_TURN_TOKEN|>) counts.
+END_MARKERS: tuple[str, ...] = (
+    "<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|eot|>", "<|eom|>", "</s>", "<end_of_turn>", "<|end|>",
+    "<|END_RESPONSE|>", "<|END_OF_TURN_TOKEN|>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|return|>",
+    "<\uff5cend\u2581of\u2581sentence\uff5c>", "<|end\u2581of\u2581sentence|>", "[|endofturn|]", "<|assistant_end|>",
+)
+
+SYSTEM_POLICIES = ("keep", "merge_into_first_user", "drop")
+
+
+def apply_system_policy(messages: Sequence[dict], policy: str = "keep") -> list[dict]:
+    """``data.system``: keep the system message, fold it into the first user turn, or drop it.
+
+    For templates that refuse a system role (Gemma 2, Mistral v0.1 raise) or drop it silently.
+    """
+    if policy not in SYSTEM_POLICIES:
+        raise DataError(f"data.system must be one of {', '.join(SYSTEM_POLICIES)} (got {policy!r})")
+    msgs = [dict(m) for m in messages]
+    if policy == "keep" or not msgs or msgs[0].get("role") != "system":
+        return msgs
+    system, rest = msgs[0], msgs[1:]
+    if policy == "merge_into_first_user" and system.get("content"):
+        for m in rest:
+            if m.get("role") == "user":
+                m["content"] = system["content"] + "\n\n" + (m.get("content") or "")
+                break
+    return rest
+
+
+def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, chat_template: Optional[str], tools, label: str, turn: int) -> str:
+    kwargs = {"tools": tools} if tools else {}
     try:
         out = tokenizer.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template
+            list(messages), tokenize=False, add_generation_prompt=generation_prompt, chat_template=chat_template, **kwargs
         )
     except DataError:
         raise
     except Exception as e:  # jinja2 TemplateError, raise_exception(), missing template ...
-        raise DataError(f"{label} failed to render the conversation up to messages[{turn}]: {e}") from None
+        hint = ""
+        if messages and messages[0].get("role") == "system" and ("system" in str(e).lower() or "alternate" in str(e).lower()):
+            hint = (" The template refuses a system message: set data.system: merge_into_first_user (or drop) in the "
+                    "recipe, or use a template that renders one")
+        raise DataError(f"{label} failed to render the conversation up to messages[{turn}]: {e}.{hint}") from None
     if not isinstance(out, str):
         raise DataError(f"{label}: apply_chat_template(tokenize=False) returned {type(out).__name__}, expected str")
     return out
 
 
-# ------------------------------------------------------------------------------ span finding
-def _assistant_start(prompt: str, full: str, content: str) -> Optional[int]:
-    """Index in ``full`` where the assistant turn begins, given the rendered prompt before it.
-
-    Normally ``prompt`` is a prefix of ``full``. Templates that render the last user turn
-    differently when it is last (Mistral v0.3 puts the system message there) are handled by the
-    longest tail of ``prompt`` found in ``full`` before the reply's content.
-    """
-    if full.startswith(prompt):
-        return len(prompt)
-    core = content.strip()
-    limit = full.rfind(core) if core else len(full)
-    if limit < 0:
-        return None
-    head = full[:limit]
-    lo, hi = 0, len(prompt)  # longest m such that prompt[-m:] occurs in head (monotone in m)
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if prompt[len(prompt) - mid :] in head:
-            lo = mid
-        else:
-            hi = mid - 1
-    if lo == 0:
-        return None
-    return head.rfind(prompt[len(prompt) - lo :]) + lo
+def _diff_region(real: str, marked: str) -> tuple[int, int, int]:
+    """(start, end in ``real``, end in ``marked``) of the part where two renderings differ."""
+    n = min(len(real), len(marked))
+    p = 0
+    while p < n and real[p] == marked[p]:
+        p += 1
+    q = 0
+    while q < n - p and real[-1 - q] == marked[-1 - q]:
+        q += 1
+    return p, len(real) - q, len(marked) - q
 
 
-def find_assistant_spans(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None) -> tuple[str, list[tuple[int, int]]]:
-    """Render ``messages`` and return (text, character spans of the assistant turns).
+def special_tokens(tokenizer) -> set[str]:
+    """Text of the tokenizer's special tokens (role headers, BOS/EOS, ...); never loss-bearing unless an end marker."""
+    out = set(getattr(tokenizer, "all_special_tokens", []) or [])
+    for tok in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(tok, "special", False):
+            out.add(str(tok))
+    return out
 
-    Each span covers the reply as the template renders it plus its end-of-turn marker
-    (``</s>``, ``<|im_end|>``, ``<|eot_id|>``), without trailing whitespace. The text is the prompt
-    for the last assistant turn followed by that turn, i.e. what the model sees at inference;
-    messages after the last assistant turn carry no loss and are left out.
+
+def end_markers(tokenizer) -> tuple[str, ...]:
+    """End-of-turn markers for this tokenizer: the known ones and its EOS, longest first."""
+    marks = set(END_MARKERS)
+    eos = getattr(tokenizer, "eos_token", None)
+    if eos:
+        marks.add(str(eos))
+    return tuple(sorted(marks, key=len, reverse=True))
+
+
+def header_tokens(tokenizer, chat_template: Optional[str], marks: Sequence[str]) -> set[str]:
+    """Special tokens of the template's role headers: those it writes around a user message and in its
+    generation prompt (``<|im_start|>``, ``[INST]``, ``<start_of_turn>``...), end-of-turn markers aside.
+    They never carry loss; other special tokens (``[TOOL_CALLS]``) may, inside a reply."""
+    specials = special_tokens(tokenizer)
+    try:
+        probe = tokenizer.apply_chat_template([{"role": "user", "content": SENTINEL}], tokenize=False,
+                                              add_generation_prompt=True, chat_template=chat_template)
+    except Exception:
+        return specials - set(marks)
+    return {t for t in specials if t in probe and t not in marks}
+
+
+def _marked(message: dict) -> dict:
+    """``message`` with its content (and tool call names and arguments) replaced by the sentinel."""
+    out = {"role": "assistant", "content": SENTINEL}
+    calls = message.get("tool_calls")
+    if calls:
+        out["content"] = SENTINEL if (message.get("content") or "").strip() else message.get("content")
+        marked_calls = []
+        for n, call in enumerate(calls):
+            c = dict(call)
+            fn = dict(c.get("function", {}))
+            fn["name"] = f"{SENTINEL}{n}"
+            fn["arguments"] = "{}" if isinstance(fn.get("arguments"), str) else {}
+            c["function"] = fn
+            marked_calls.append(c)
+        out["tool_calls"] = marked_calls
+    return out
+
+
+def _visible(content: str) -> str:
+    """The part of a reply every template renders: without an inline ``<think>...</think>`` block."""
+    return content.split("</think>")[-1].strip() if "</think>" in content else content.strip()
+
+
+def _tool_names(message: dict) -> list[str]:
+    names = []
+    for call in message.get("tool_calls") or []:
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        if isinstance(fn, dict) and fn.get("name"):
+            names.append(str(fn["name"]))
+    return names
+
+
+@dataclass
+class ChatRendering:
+    """A conversation as trained on: ``text`` and, per assistant turn, the character span with loss."""
+
+    text: str
+    spans: list[tuple[int, int]]
+    turns: list[int]  # message index of each span
+
+
+def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None) -> ChatRendering:
+    """Render ``messages`` and find the loss-bearing span of each assistant turn.
+
+    The span of assistant turn k is, in the rendered text ``T``:
+
+    * start: the end of the generation prompt ``P_k`` (``messages[:k]`` rendered with
+      ``add_generation_prompt=True``) when ``T`` begins with ``P_k`` and nothing between it and the
+      reply is a special token (so Qwen3's ``</think>`` after its ``<think>`` prompt, or Mistral's
+      space after ``[/INST]``, are learnt as the model produces them); otherwise the reply itself;
+    * the reply: what the template renders from this message, found by rendering the conversation
+      again with this one message's content replaced by a sentinel and taking the part where the
+      two renderings differ (content as the template trims it, reasoning, tool calls);
+    * end: the end-of-turn markers right after the reply (``<|im_end|>``, ``<|eot_id|>``, ``</s>``,
+      ``<end_of_turn>``, ``<|end|>``, the EOS...), with the whitespace before them; none if the
+      template puts none there (some add EOS only after the last message). A final turn the
+      template leaves unterminated (Apertus writes ``<|assistant_end|>`` only before a next
+      message) gets the marker it writes once the conversation goes on.
+
+    Role headers and generation prompts never carry loss. ``T`` is the template's rendering up to
+    the last assistant turn; if that rendering does not begin with the last turn's prompt (Mistral
+    v0.3 renders the system message only in a final user turn) the text is that prompt followed by
+    the last turn, i.e. what the model sees at inference. Anything that cannot be aligned is a
+    ``DataError`` naming the turn, never a guess.
     """
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
         resolve_chat_template(tokenizer, None)  # raises the "no chat template" DataError
     label = _template_label(tokenizer, chat_template)
-    turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    turns = [i for i, m in enumerate(messages) if m.get("role") == "assistant"]
     if not turns:
         raise DataError("the conversation has no assistant turn, so nothing to train on")
+    if turns[0] == 0:
+        raise DataError(f"{label}: messages[0] is an assistant turn; a conversation must start with a user turn")
+    msgs = [dict(m) for m in messages[: turns[-1] + 1]]
+    last = turns[-1]
 
-    deltas: list[tuple[int, str, str, str]] = []  # (message index, prompt-side anchor, assistant part, F_i)
-    prompt_last = full_last = ""
-    start_last = 0
-    for n, i in enumerate(turns):
-        if i == 0:
-            raise DataError(f"{label}: messages[0] is an assistant turn; a conversation must start with a user turn")
-        prompt = _render(tokenizer, messages[:i], True, chat_template, label, i - 1)
-        full = _render(tokenizer, messages[: i + 1], False, chat_template, label, i)
-        start = _assistant_start(prompt, full, messages[i]["content"])
-        delta = full[start:].rstrip() if start is not None else ""
-        core = messages[i]["content"].strip()
-        if start is None or not delta or (core and core not in delta):
+    def render(ms, gen, turn):
+        return _render(tokenizer, ms, gen, chat_template, tools, label, turn)
+
+    try:
+        full = render(msgs, False, last)
+    except DataError:
+        for j in range(1, last + 1):  # name the first message the template refuses
+            render(msgs[:j], False, j - 1)
+        raise
+    prompt_last = render(msgs[:last], True, last - 1)
+    stitched = not full.startswith(prompt_last)
+    marks = end_markers(tokenizer)
+    headers = header_tokens(tokenizer, chat_template, marks)
+
+    def reply_region(base_msgs, gen, k, text):
+        marked_msgs = list(base_msgs)
+        marked_msgs[k] = _marked(base_msgs[k])
+        marked = render(marked_msgs, gen, k)
+        a, b, mb = _diff_region(text, marked)
+        if SENTINEL not in marked[a:mb]:
+            why = ("the template does not render this message's content" if SENTINEL not in marked else
+                   "replacing its content changes the rendering elsewhere too")
+            if _tool_names(base_msgs[k]):
+                why = "the template does not render this turn's tool calls (use a template with tool support)"
             raise DataError(
-                f"{label}: cannot find assistant turn {n} (messages[{i}]) in the rendering: the text the template adds "
-                f"for this turn ({full[start or 0:][:80]!r}...) does not follow the prompt it renders with "
-                "add_generation_prompt=True. Use a template whose generation prompt is the start of the assistant "
-                "turn (e.g. model.chat_template: chatml)"
+                f"{label}: cannot find assistant turn {turns.index(k)} (messages[{k}]) in the rendering: {why}. Use a "
+                "template that renders each assistant message as it is (e.g. model.chat_template: chatml)"
             )
-        anchor = full[max(0, start - 32) : start]
-        deltas.append((i, anchor, delta, full[:start]))
-        prompt_last, full_last, start_last = prompt, full, start
+        return a, b
 
-    text = prompt_last + full_last[start_last:]
     spans: list[tuple[int, int]] = []
-    cursor = 0
-    for n, (i, anchor, delta, before) in enumerate(deltas):
-        if n == len(deltas) - 1:
-            pos = len(prompt_last)
-        elif text.startswith(before) and text.startswith(delta, len(before)):
-            pos = len(before)
-        else:
-            pos = text.find(anchor + delta, cursor)
-            if pos >= 0:
-                pos += len(anchor)
+    if stitched:
+        regions = {k: reply_region(msgs[:last], True, k, prompt_last) for k in turns[:-1]}
+        a_f, b_f = reply_region(msgs, False, last, full)
+        # where the last turn's own text starts in ``full``: after the longest tail of the prompt found before the reply
+        head = full[:a_f]
+        lo, hi = 0, len(prompt_last)
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if prompt_last[len(prompt_last) - mid :] in head:
+                lo = mid
             else:
-                pos = text.find(delta, cursor)
-        if pos < cursor:
+                hi = mid - 1
+        if lo == 0:
             raise DataError(
-                f"{label}: assistant turn {n} (messages[{i}]) is rendered differently once later turns follow, so its "
-                "span cannot be located in the full conversation; check the template or use a named one "
-                "(model.chat_template: chatml)"
+                f"{label}: cannot find the last assistant turn (messages[{last}]) after its prompt: the full rendering "
+                "does not contain the prompt the template renders with add_generation_prompt=True"
             )
-        spans.append((pos, pos + len(delta)))
-        cursor = pos + len(delta)
-    return text, spans
+        x = head.rfind(prompt_last[len(prompt_last) - lo :]) + lo
+        text = prompt_last + full[x:]
+        shift = len(prompt_last) - x
+        regions[last] = (a_f + shift, b_f + shift)
+        b_last_full = b_f
+    else:
+        text = full
+        regions = {k: reply_region(msgs, False, k, full) for k in turns}
+        b_last_full = regions[last][1]
+
+    cursor = 0
+    for n, k in enumerate(turns):
+        a, b = regions[k]
+        m = msgs[k]
+        reply = text[a:b]
+        content = m.get("content") or ""
+        where = f"{label}: assistant turn {n} (messages[{k}])"
+        if a < cursor:
+            raise DataError(f"{where} overlaps the previous turn in the rendering; check the template")
+        if _visible(content) and _visible(content) not in reply:
+            raise DataError(
+                f"{where}: the template renders something else than the reply where the reply should be "
+                f"({reply[:80]!r}); use a template that renders assistant contents as they are"
+            )
+        for name in _tool_names(m):
+            if name not in reply:
+                raise DataError(
+                    f"{where}: the template does not render this turn's tool call {name!r}; use a template with tool "
+                    "support (tool_calls), or leave tool turns out of the data"
+                )
+        own = content + str(m.get("reasoning_content") or "")
+        for tok in headers:  # a role header inside the reply: the diff spread over other messages
+            if reply.count(tok) > own.count(tok):
+                raise DataError(f"{where}: the reply's span would contain the template's {tok!r}; the template cannot be aligned")
+        # start: the end of this turn's generation prompt, when the text begins with it
+        start = a
+        prompt_k = prompt_last if k == last else render(msgs[:k], True, k - 1)
+        if text.startswith(prompt_k) and cursor <= len(prompt_k) <= a:
+            gap = text[len(prompt_k) : a]
+            if not any(tok in gap for tok in headers):
+                start = len(prompt_k)
+        end = _marker_end(text, b, marks, headers, bool(_tool_names(m)))
+        if end == b and k == last:
+            # no marker after the final reply (Apertus writes <|assistant_end|> only before a next message):
+            # take the one the template writes once the conversation goes on, or the model never learns to stop
+            b_full = b_last_full
+            try:
+                cont = render(msgs + [{"role": "user", "content": SENTINEL}], False, last + 1)
+            except DataError:
+                cont = ""
+            if cont.startswith(full[:b_full]):
+                e_c = _marker_end(cont, b_full, marks, headers, bool(_tool_names(m)))
+                if e_c > b_full:
+                    text = text[:b] + cont[b_full:e_c] + text[b:]
+                    end = b + (e_c - b_full)
+        spans.append((start, end))
+        cursor = end
+    return ChatRendering(text, spans, turns)
+
+
+def _marker_end(text: str, b: int, marks: Sequence[str], headers: set, tool_turn: bool) -> int:
+    """End of the end-of-turn markers after a reply ending at ``b`` (``b`` if none).
+
+    Whitespace may come first; for a tool-call turn, any text without a role header (the closing
+    ``}]`` of the call). Adjacent markers chain (``<|END_RESPONSE|><|END_OF_TURN_TOKEN|>``).
+    """
+    j = b
+    while j < len(text) and text[j] in " \t\r\n":
+        j += 1
+    if tool_turn:
+        nxt = min((i for i in (text.find(mk, b) for mk in marks) if i >= 0), default=-1)
+        if nxt >= 0 and not any(tok in text[b:nxt] for tok in headers):
+            j = nxt
+    end = b
+    matched = True
+    while matched:
+        matched = False
+        for mk in marks:
+            if text.startswith(mk, j):
+                j += len(mk)
+                end = j
+                matched = True
+                break
+    return end
+
+
+def find_assistant_spans(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None) -> tuple[str, list[tuple[int, int]]]:
+    """(text, character spans with loss) of ``render_chat``."""
+    r = render_chat(tokenizer, messages, chat_template, tools)
+    return r.text, r.spans
+
+
+def check_template_support(tokenizer, messages: Sequence[dict], chat_template: Optional[str], tools, text: str) -> None:
+    """Refuse tools, tool results, reasoning or a system message the template would silently leave out."""
+    label = _template_label(tokenizer, chat_template)
+    for tool in tools or []:
+        fn = tool.get("function", tool) if isinstance(tool, dict) else {}
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if name and name not in text:
+            raise DataError(
+                f"{label} does not render the record's tools (tool {name!r} is missing from the rendering); use a "
+                "template with tool support (apply_chat_template(tools=...)), or drop the tools field"
+            )
+    for i, m in enumerate(messages):
+        role, content = m.get("role"), (m.get("content") or "")
+        if role == "tool" and content.strip() and content.strip() not in text:
+            raise DataError(f"{label} does not render tool results (messages[{i}]); use a template with tool support")
+        if role == "system" and content.strip() and content.strip() not in text:
+            raise DataError(
+                f"{label} leaves the system message (messages[{i}]) out of the rendering; set data.system: "
+                "merge_into_first_user (or drop) in the recipe"
+            )
+    reasoning = [i for i, m in enumerate(messages) if m.get("role") == "assistant" and (m.get("reasoning_content") or "").strip()]
+    if reasoning:
+        i = reasoning[-1]
+        if messages[i]["reasoning_content"].strip() not in text:
+            raise DataError(
+                f"{label} does not render reasoning_content (messages[{i}]); use a template with thinking support "
+                "(e.g. Qwen3's), or put the reasoning in the content"
+            )
 
 
 # ------------------------------------------------------------------------------ tokenization
-def _labels_from_spans(offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int]]) -> list[bool]:
-    """True for tokens whose start falls in a span, or that straddle a span's start (merged BPE pieces)."""
+def mask_from_spans(offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans: Sequence[tuple[int, int]], special_ids: set) -> list[bool]:
+    """True for tokens that overlap a span; a special token only if it lies wholly inside one.
+
+    A token that straddles a span's start (a merged BPE piece such as ``"\\n "``) carries loss: it
+    holds the start of the reply. A special token never does unless the span holds all of it, so a
+    role header is never trained on whatever whitespace the reply begins with.
+    """
     starts = [a for a, _ in spans]
     mask = []
-    for s, e in offsets:
+    for (s, e), t in zip(offsets, ids):
         j = bisect.bisect_right(starts, s) - 1
-        inside = j >= 0 and s < spans[j][1]
-        straddles = j + 1 < len(spans) and s < spans[j + 1][0] < e
-        mask.append(inside or straddles)
+        if e <= s:  # zero-width token: by its position
+            mask.append(j >= 0 and s < spans[j][1])
+            continue
+        hit = None
+        if j >= 0 and s < spans[j][1]:
+            hit = spans[j]
+        elif j + 1 < len(spans) and spans[j + 1][0] < e:
+            hit = spans[j + 1]
+        if hit is None:
+            mask.append(False)
+        elif t in special_ids:
+            mask.append(hit[0] <= s and e <= hit[1])
+        else:
+            mask.append(True)
     return mask
 
 
-def tokenize_chat(tokenizer, messages: Sequence[dict], max_length: int, chat_template: Optional[str] = None) -> TokenizedSample:
-    """Tokens of the rendered conversation, labels = token ids on assistant spans and -100 elsewhere.
+def _special_ids(tokenizer) -> set:
+    ids = set(getattr(tokenizer, "all_special_ids", []) or [])
+    for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        if getattr(tok, "special", False):
+            ids.add(int(i))
+    return ids
+
+
+def tokenize_chat(
+    tokenizer, messages: Sequence[dict], max_length: int, chat_template: Optional[str] = None, tools=None, system: str = "keep"
+) -> TokenizedSample:
+    """Tokens of the rendered conversation and their loss mask (True on the assistant spans of ``render_chat``).
 
     Right-truncated to ``max_length``; ``truncated`` says whether it was cut. The caller drops
     samples left with no loss-bearing token.
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer: loss masking needs offsets from a fast tokenizer (tokenizer.json)")
-    text, spans = find_assistant_spans(tokenizer, messages, chat_template)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    messages = apply_system_policy(messages, system)
+    r = render_chat(tokenizer, messages, chat_template, tools)
+    check_template_support(tokenizer, messages[: r.turns[-1] + 1], chat_template, tools, r.text)
+    enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
-    mask = _labels_from_spans(enc["offset_mapping"], spans)
-    labels = [t if m else IGNORE_INDEX for t, m in zip(ids, mask)]
+    mask = mask_from_spans(enc["offset_mapping"], ids, r.spans, _special_ids(tokenizer))
     truncated = len(ids) > max_length
-    return TokenizedSample(ids[:max_length], labels[:max_length], truncated)
+    return TokenizedSample(ids[:max_length], mask[:max_length], truncated)
 
 
 def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedSample]:
@@ -280,31 +549,40 @@ def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedSample
     if tokenizer.eos_token_id is not None:
         ids = ids + [tokenizer.eos_token_id]
     chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-    return [TokenizedSample(c, list(c)) for c in chunks if len(c) > 1]
+    return [TokenizedSample(c, [True] * len(c)) for c in chunks if len(c) > 1]
+
+
+# ---------------------------------------------------------------------------------- viewing
+def loss_segments(tokenizer, input_ids: Sequence[int], loss_mask: Sequence) -> list[dict]:
+    """The decoded sequence as ``[{"text", "loss"}]`` runs that cover it all (``affinage inspect``).
+
+    Prefixes are decoded (not runs alone) so that sentencepiece word-initial spaces stay where they are.
+    """
+    on = [bool(x) for x in loss_mask]
+    ids = [int(t) for t in input_ids]
+    cuts = [k for k in range(1, len(on)) if on[k] != on[k - 1]] + [len(on)]
+    out, prev_text, start = [], "", 0
+    for k in cuts if on else []:
+        text = tokenizer.decode(ids[:k])
+        piece = text[len(prev_text):] if text.startswith(prev_text) else tokenizer.decode(ids[start:k])
+        out.append({"text": piece, "loss": on[start]})
+        prev_text, start = text, k
+    return out
 
 
 def decode_spans(tokenizer, sample: TokenizedSample) -> list[str]:
     """The loss-bearing parts of ``sample`` decoded, one string per contiguous run (for checks and debugging)."""
     runs: list[list[int]] = []
     prev = False
-    for t, lab in zip(sample.input_ids, sample.labels):
-        on = lab != IGNORE_INDEX
+    for t, on in zip(sample.input_ids, sample.loss_mask):
         if on and not prev:
             runs.append([])
         if on:
             runs[-1].append(t)
-        prev = on
+        prev = bool(on)
     return [tokenizer.decode(r) for r in runs]
 
 
 def render_loss_mask(tokenizer, sample: TokenizedSample) -> str:
     """The sample's text with loss-bearing parts wrapped in [[ ]], to eyeball a template's mask."""
-    on = [lab != IGNORE_INDEX for lab in sample.labels]
-    cuts = [k for k in range(1, len(on)) if on[k] != on[k - 1]] + [len(on)]
-    out, prev_text, start = [], "", 0
-    for k in cuts:
-        text = tokenizer.decode(sample.input_ids[:k])  # decode prefixes: keeps sentencepiece spaces
-        piece = text[len(prev_text):]
-        out.append(f"[[{piece}]]" if on[start] else piece)
-        prev_text, start = text, k
-    return "".join(out)
+    return "".join(f"[[{s['text']}]]" if s["loss"] else s["text"] for s in loss_segments(tokenizer, sample.input_ids, sample.loss_mask))

@@ -1,8 +1,9 @@
 """The DeepSpeed and FSDP2 configuration of a run: a readable file, filled from the recipe.
 
-A strategy starts from a file a researcher can read, copy and edit: ``configs/deepspeed/<strategy>.json``
-for ``zero2``/``zero3``/``zero3_offload``, ``configs/accelerate/fsdp2.yaml`` for ``fsdp2``, or the
-recipe's own ``distributed.config``. Values the recipe owns are never written by hand in those files:
+A strategy starts from a file a researcher can read, copy and edit: the shipped
+``deepspeed/<strategy>.json`` for ``zero2``/``zero3``/``zero3_offload``, ``accelerate/fsdp2.yaml`` for
+``fsdp2`` (package data, :mod:`affinage.resources`; ``configs/`` in a checkout), or the recipe's own
+``distributed.config`` (a path to the user's file). Values the recipe owns are never written by hand in those files:
 
 - DeepSpeed: ``train_micro_batch_size_per_gpu``, ``gradient_accumulation_steps``, ``train_batch_size``,
   ``gradient_clipping``, ``bf16.enabled``/``fp16.enabled``, the optimizer's ``lr``/``betas``/``eps``/
@@ -27,12 +28,12 @@ from typing import Any, Optional
 
 from affinage.errors import UserError
 from affinage.recipe.schema import Recipe
+from affinage.paths import expand
+from affinage.resources import resource_dir, resource_path
+from affinage.sharding import STRATEGY_TABLE
+from affinage import hardware
 
-CONFIGS_DIR = Path(__file__).resolve().parents[3] / "configs"
-DEEPSPEED_DIR = CONFIGS_DIR / "deepspeed"
-ACCELERATE_DIR = CONFIGS_DIR / "accelerate"
-
-ZERO_STAGE = {"zero2": 2, "zero3": 3, "zero3_offload": 3}
+ZERO_STAGE = {name: s.zero_stage for name, s in STRATEGY_TABLE.items() if s.deepspeed}  # from the one table
 ADAM_EPS = 1e-8  # TrainingArguments' default adam_epsilon (the recipe has no key for it)
 
 
@@ -40,27 +41,29 @@ class DistributedConfigError(UserError):
     """A distributed config file that cannot be used with this recipe; ``str()`` says what to change."""
 
 
+class StrategyError(UserError):
+    """A strategy that cannot run as launched; ``str()`` says what to do."""
+
+
 def default_config_path(strategy: str) -> Optional[Path]:
     """The shipped file a strategy starts from (None for ddp/single)."""
     if strategy in ZERO_STAGE:
-        return DEEPSPEED_DIR / f"{strategy}.json"
+        return resource_path("deepspeed", strategy)
     if strategy == "fsdp2":
-        return ACCELERATE_DIR / "fsdp2.yaml"
+        return resource_path("accelerate", "fsdp2")
     return None
 
 
 def config_path(recipe: Recipe) -> Optional[Path]:
     d = recipe.distributed
     if d.config:
-        import os
-
-        return Path(os.path.expanduser(os.path.expandvars(d.config)))
+        return expand(d.config)
     return default_config_path(d.strategy)
 
 
 def _read(path: Path) -> dict:
     if not path.is_file():
-        raise DistributedConfigError(f"distributed.config {path}: no such file (shipped files are in {CONFIGS_DIR})")
+        raise DistributedConfigError(f"distributed.config {path}: no such file (shipped files: {resource_dir('deepspeed')}, {resource_dir('accelerate')})")
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix in (".yaml", ".yml"):
@@ -77,15 +80,8 @@ def _read(path: Path) -> dict:
 
 
 def use_bf16(recipe: Recipe, on_gpu: bool) -> bool:
-    """bf16 training: the same rule as the Trainer glue (bf16 on a GPU that supports it, never on CPU)."""
-    import torch
-
-    if not on_gpu:
-        return False
-    wants = recipe.model.dtype in ("auto", "bfloat16")
-    if not torch.cuda.is_available():
-        return wants  # planning on a laptop for a GPU run (affinage plan)
-    return bool(wants and torch.cuda.is_bf16_supported())
+    """bf16 training for this recipe (the one rule: ``affinage.hardware.use_bf16``)."""
+    return hardware.use_bf16(recipe.model.dtype, on_gpu)
 
 
 # ---------------------------------------------------------------------------------- DeepSpeed
@@ -107,7 +103,14 @@ def _owned(cfg: dict, dotted: str, value: Any, recipe_key: str, path: Path) -> N
 
 
 def _auto_sizes(zero: dict, hidden: Optional[int]) -> None:
-    """ZeRO sizes that depend on the model, as transformers computes them for "auto"."""
+    """ZeRO sizes that depend on the model, as transformers computes them for "auto".
+
+    Kept here rather than calling transformers because transformers fills them only inside
+    ``HfTrainerDeepSpeedConfig.trainer_config_finalize``, which needs the built model and the
+    TrainingArguments; ``plan`` and the pre-launch check (DeepSpeed's own parser) need the file
+    before any model exists. ``tests/distributed/test_dist_configs.py`` compares the two, so a change
+    in transformers' formula fails a test instead of drifting.
+    """
     h = hidden or 4096
     fills = {
         "reduce_bucket_size": h * h,

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Optional, Sequence
+from affinage.hardware import usable_cpus
 
 
 def launch_command(
@@ -64,8 +65,7 @@ def launch_env(nprocs: int, *, gpu: Optional[bool] = None, base: Optional[dict] 
     if not gpu:
         env["ACCELERATE_USE_CPU"] = "1"  # DDP/FSDP on gloo (DeepSpeed strategies unset it inside the process)
         env.setdefault("DS_ACCELERATOR", "cpu")
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nprocs)))
+        env.setdefault("OMP_NUM_THREADS", str(max(1, usable_cpus() // nprocs)))
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     return env
 

@@ -29,14 +29,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[3]
+from affinage.resources import resource_dir
+
+DEMO = resource_dir("recipes") / "demo"  # the demo tokenizer and corpus
 
 
 def build_model(folder: Path, hidden: int, layers: int, intermediate: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    tok_dir = REPO / "recipes" / "demo" / "model"
+    tok_dir = DEMO / "model"
     tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tok_dir))
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
@@ -52,7 +54,7 @@ def build_model(folder: Path, hidden: int, layers: int, intermediate: int) -> Pa
 
 
 def write_recipe(folder: Path, model: Path, strategy: str, steps: int, seq: int, micro: int, nproc: int, ckpt: bool = False) -> Path:
-    data = REPO / "recipes" / "demo" / "data"
+    data = DEMO / "data"
     path = folder / f"{strategy}.yaml"
     path.write_text(f"""name: measure-{strategy}
 task: cpt

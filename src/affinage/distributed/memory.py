@@ -31,9 +31,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional
+from affinage.sharding import STRATEGIES
+from affinage.sharding import strategy as strategy_entry
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
-STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
 
 # Usable memory of the GPU kinds found on French and European clusters (GiB, as reported by the driver).
 GPU_MEMORY_GIB = {
@@ -125,9 +126,9 @@ def estimate_memory(
         weights_full = params_total * b
     trainable_bytes = 4 if quantized_4bit else b  # LoRA adapters on a 4-bit base train in fp32
 
-    sharded_params = strategy in ("fsdp2", "zero3", "zero3_offload")
-    deepspeed = strategy in ("zero2", "zero3", "zero3_offload")
-    if strategy == "zero3_offload" and not (offload_optimizer or offload_params):
+    table = strategy_entry(strategy)
+    sharded_params, deepspeed = table.shards_params, table.deepspeed
+    if table.offload_by_default and not (offload_optimizer or offload_params):
         offload_optimizer = offload_params = True
 
     # weights
@@ -154,7 +155,7 @@ def estimate_memory(
         gradients, cpu_g = 0, params_trainable * 4 // n
     elif strategy == "fsdp2" and offload_params:
         gradients, cpu_g = 0, grads_full // n
-    elif strategy in ("zero2", "zero3", "zero3_offload", "fsdp2"):
+    elif table.shards_states:
         gradients = grads_full // n
     else:
         gradients = grads_full
@@ -169,7 +170,7 @@ def estimate_memory(
     if deepspeed:
         per_param += 4  # fp32 master copy of the partition
     states = params_trainable * per_param
-    if strategy in ("single", "ddp"):
+    if not table.shards_states:
         optimizer_bytes = states
     elif (deepspeed and offload_optimizer) or (strategy == "fsdp2" and offload_params):
         optimizer_bytes, cpu_o = 0, states // n

@@ -2,6 +2,7 @@
 lm-evaluation-harness bridge, on a fine-tuned model and its base, with bootstrap intervals and a
 readable report (``affinage eval``)."""
 
-from affinage.eval.runner import format_results, run_eval
+from affinage.eval.console import format_results
+from affinage.eval.runner import run_eval
 
 __all__ = ["run_eval", "format_results"]

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from affinage.paths import expand
 
 MISSING = (
     "lm-eval is not installed, so the lm-evaluation-harness tasks were skipped. Install the extra on a node "
@@ -121,7 +122,7 @@ def run(model, tokenizer, spec, *, batch_size: int = 8, max_length: Optional[int
     if hasattr(model, "merge_and_unload"):  # a peft adapter model: HFLM wants a plain transformers model
         model = model.merge_and_unload()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length, device=device)
-    include = str(Path(os.path.expandvars(os.path.expanduser(spec.include_path))).resolve()) if spec.include_path else None
+    include = str(expand(spec.include_path).resolve()) if spec.include_path else None
     manager = TaskManager(include_path=include) if include else TaskManager()
     out = lm_eval.simple_evaluate(
         model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=limit or spec.limit,

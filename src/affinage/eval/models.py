@@ -25,6 +25,7 @@ from typing import Any, Optional
 
 from affinage.errors import UserError
 from affinage.recipe.schema import ModelSpec, Recipe
+from affinage.paths import expand
 
 
 @dataclass
@@ -73,7 +74,7 @@ def resolve_target(target: str | os.PathLike, *, base: Optional[str] = None, com
     from affinage.recipe.loader import load_recipe
     from affinage.run import RunDir
 
-    path = Path(os.path.expanduser(os.fspath(target)))
+    path = expand(target)
     base = base or spec_base
     if path.is_dir() and is_run_dir(path):
         run = RunDir(path.resolve())
@@ -197,15 +198,6 @@ def unload(*_objs) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def count_parameters(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
 
 
 def context_length(model, fallback: int = 2048) -> int:

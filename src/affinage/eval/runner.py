@@ -12,8 +12,8 @@ The base is evaluated first, then the tuned model, one model in memory at a time
 
 from __future__ import annotations
 
-import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,95 +22,23 @@ from typing import Any, Optional, Sequence
 from affinage.errors import UserError
 from affinage.eval import harness, mcq, perplexity
 from affinage.eval.generation import generate
-from affinage.eval.models import (Target, context_length, count_parameters, default_device, eval_dtype, load,
+from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
-from affinage.eval.sets import expand, file_sha256, read_mcq, read_prompts, read_texts
+from affinage.eval.sets import read_mcq, read_prompts, read_text_set
+from affinage.eval.specs import NO_SPEC, combine, select
+from affinage.eval.results import write_results
+from affinage.hashing import FileHasher
+from affinage.paths import expand
 from affinage.eval.stats import mean_ci, paired_mean_delta, paired_ratio_delta, ratio_ci
-from affinage.recipe.schema import EvalSpec, GenerationSpec, McqSetSpec, PerplexitySetSpec
+from affinage.recipe.schema import EvalSpec, McqSetSpec, PerplexitySetSpec
+from affinage.model.load import count_parameters
 
-KINDS = ("perplexity", "mcq", "generation", "lm_eval")
 ROLES = ("base", "tuned")
-RESULTS_FILE = "results.json"
-DETAILS_FILE = "details.jsonl"
-
-NO_SPEC = (
-    "nothing to evaluate: the recipe has no `eval:` section and no --spec/--ppl/--mcq/--prompts was given. "
-    "Add for example\n"
-    "eval:\n"
-    "  perplexity:\n"
-    "    - {name: domain-heldout, path: data/heldout.jsonl}\n"
-    "    - {name: general, path: data/general.jsonl, role: forgetting}\n"
-    "  mcq:\n"
-    "    - {name: quiz, path: data/quiz.jsonl, num_fewshot: 3}\n"
-    "  generation: {prompts: ['La Constitution de 1958']}\n"
-    "to the recipe (or to a YAML file given with --spec)."
-)
-
-
-def eval_dir(root: Path) -> Path:
-    return Path(root) / "eval"
-
-
-def load_spec_file(path: str) -> EvalSpec:
-    import yaml
-    from pydantic import ValidationError
-
-    p = expand(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except OSError as e:
-        raise UserError(f"--spec {path}: cannot read ({e.strerror})") from None
-    if isinstance(data, dict) and "eval" in data and len(data) == 1:
-        data = data["eval"]
-    try:
-        return EvalSpec.model_validate(data)
-    except ValidationError as e:
-        lines = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        raise UserError(f"--spec {path}: " + "; ".join(lines)) from None
-
-
-def adhoc_spec(ppl: Sequence[str] = (), forgetting: Sequence[str] = (), mcq_sets: Sequence[str] = (),
-               prompts: Optional[str] = None) -> Optional[EvalSpec]:
-    """An :class:`EvalSpec` from command-line ``NAME=PATH`` pairs (or bare paths)."""
-    def pair(text: str) -> tuple[str, str]:
-        name, sep, path = text.partition("=")
-        if not sep:
-            path, name = text, Path(text).stem
-        return name, path
-
-    if not (ppl or forgetting or mcq_sets or prompts):
-        return None
-    return EvalSpec(
-        perplexity=[PerplexitySetSpec(name=n, path=p) for n, p in map(pair, ppl)]
-        + [PerplexitySetSpec(name=n, path=p, role="forgetting") for n, p in map(pair, forgetting)],
-        mcq=[McqSetSpec(name=n, path=p) for n, p in map(pair, mcq_sets)],
-        generation=GenerationSpec(path=prompts) if prompts else None,
-    )
-
-
-def select(spec: EvalSpec, tasks: Optional[Sequence[str]]) -> EvalSpec:
-    """Keep the kinds (perplexity, mcq, generation, lm_eval) or set names listed in ``tasks``."""
-    if not tasks:
-        return spec
-    wanted = {t.strip() for t in tasks if t.strip()}
-    names = {s.name for s in spec.perplexity} | {s.name for s in spec.mcq}
-    unknown = wanted - set(KINDS) - names
-    if unknown:
-        raise UserError(
-            f"--tasks: unknown {', '.join(sorted(unknown))}. Valid: {', '.join(KINDS)}"
-            + (f", or set names {', '.join(sorted(names))}" if names else "")
-        )
-    return spec.model_copy(update={
-        "perplexity": [s for s in spec.perplexity if "perplexity" in wanted or s.name in wanted],
-        "mcq": [s for s in spec.mcq if "mcq" in wanted or s.name in wanted],
-        "generation": spec.generation if "generation" in wanted else None,
-        "lm_eval": spec.lm_eval if "lm_eval" in wanted else None,
-    })
-
 
 @dataclass
 class _Data:
     texts: dict[str, list[str]] = field(default_factory=dict)
+    groups: dict[str, Optional[list[str]]] = field(default_factory=dict)
     items: dict[str, list] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
@@ -120,11 +48,14 @@ def _read_data(spec: EvalSpec, limit: Optional[int]) -> _Data:
     d = _Data()
     for s in spec.perplexity:
         n = min(x for x in (s.max_records, limit) if x) if (s.max_records or limit) else None
-        d.texts[s.name] = read_texts(s.path, s.text_field, n)
+        text_set = read_text_set(s.path, s.text_field, n, group_field=s.group_field)
+        d.texts[s.name], d.groups[s.name] = text_set.texts, text_set.groups
     for s in spec.mcq:
         n = min(x for x in (s.max_items, limit) if x) if (s.max_items or limit) else None
-        d.items[s.name] = read_mcq(s.path, n)
-        d.pools[s.name] = read_mcq(s.fewshot_path) if s.fewshot_path else None
+        fields = {"question_field": s.question_field, "choices_field": s.choices_field, "answer_field": s.answer_field}
+        d.items[s.name] = read_mcq(s.path, n, group_field=s.group_field, **fields)
+        d.groups[s.name] = [it.group for it in d.items[s.name]] if s.group_field else None
+        d.pools[s.name] = read_mcq(s.fewshot_path, **fields) if s.fewshot_path else None
     if spec.generation:
         d.prompts = read_prompts(spec.generation.prompts, spec.generation.path)
         if limit:
@@ -170,36 +101,38 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
     return out
 
 
-def _ppl_entry(s: PerplexitySetSpec, texts, raw: dict, spec: EvalSpec) -> dict:
-    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": file_sha256(expand(s.path)),
-                             "role": s.role, "documents": len(texts)}
+def _grouping(s, groups: Optional[list[str]]) -> dict:
+    return {"group_field": s.group_field, "groups": len(set(groups))} if groups is not None else {}
+
+
+def _ppl_entry(s: PerplexitySetSpec, texts, groups, raw: dict, spec: EvalSpec) -> dict:
+    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
+                             "role": s.role, "documents": len(texts), **_grouping(s, groups)}
     ln2 = math.log(2)
+    boot = {"groups": groups, "iterations": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed}
     for role, scores in raw.items():
         agg = perplexity.aggregate(scores)
-        agg["bits_per_byte_ci"] = ratio_ci([x.nll for x in scores], [x.bytes for x in scores], scale=1 / ln2,
-                                           iterations=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)
+        agg["bits_per_byte_ci"] = ratio_ci([x.nll for x in scores], [x.bytes for x in scores], scale=1 / ln2, **boot)
         entry[role] = agg
     if "base" in raw and "tuned" in raw:
         a, b = raw["base"], raw["tuned"]
         entry["delta"] = {"bits_per_byte": paired_ratio_delta(
-            [x.nll for x in a], [x.nll for x in b], [x.bytes for x in a], scale=1 / ln2,
-            iterations=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)}
+            [x.nll for x in a], [x.nll for x in b], [x.bytes for x in a], scale=1 / ln2, **boot)}
     return entry
 
 
-def _mcq_entry(s: McqSetSpec, items, raw: dict, spec: EvalSpec) -> dict:
-    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": file_sha256(expand(s.path)),
+def _mcq_entry(s: McqSetSpec, items, groups, raw: dict, spec: EvalSpec) -> dict:
+    entry: dict[str, Any] = {"name": s.name, "path": str(expand(s.path)), "sha256": FileHasher().maybe(expand(s.path)),
                              "role": s.role, "items": len(items), "num_fewshot": s.num_fewshot, "template": s.template,
-                             "chance": sum(1 / len(it.choices) for it in items) / len(items)}
+                             "chance": sum(1 / len(it.choices) for it in items) / len(items), **_grouping(s, groups)}
+    boot = {"groups": groups, "iterations": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed}
     for role, per_item in raw.items():
         agg = mcq.aggregate(per_item)
         for m in ("acc", "acc_norm"):
-            agg[f"{m}_ci"] = mean_ci([r[m] for r in per_item], iterations=spec.bootstrap, confidence=spec.confidence,
-                                     seed=spec.seed)
+            agg[f"{m}_ci"] = mean_ci([r[m] for r in per_item], **boot)
         entry[role] = agg
     if "base" in raw and "tuned" in raw:
-        entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]],
-                                               iterations=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)
+        entry["delta"] = {m: paired_mean_delta([r[m] for r in raw["base"]], [r[m] for r in raw["tuned"]], **boot)
                           for m in ("acc", "acc_norm", "acc_norm_bytes")}
     return entry
 
@@ -228,16 +161,28 @@ def _lm_eval_entry(raw: dict, spec: EvalSpec) -> dict:
 def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequence[str]] = None,
              base: Optional[str] = None, compare_base: Optional[bool] = None, out_dir=None,
              limit: Optional[int] = None, batch_size: Optional[int] = None, device: Optional[str] = None,
-             progress: bool = True, write: bool = True) -> dict:
-    """Evaluate ``target`` (run dir, model folder or offline id) and write results and report; returns the results."""
+             progress: bool = True, write: bool = True, extra: Optional[EvalSpec] = None, replace: bool = False,
+             overrides: Sequence[str] = ()) -> dict:
+    """Evaluate ``target`` (run dir, model folder or offline id) and write ``eval/results.json``; returns the results.
+
+    The report and model card are written from those files by ``affinage.evaluate`` (eval never
+    imports provenance).
+    """
     start = time.monotonic()
-    probe = Path(str(target))
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit {limit}: give a number of records per set of at least 1 (or leave it out for all)")
+    probe = expand(target)
+    if not probe.exists() and (os.sep in str(target) or str(target).startswith(".")):
+        raise UserError(f"{target}: no such run directory or model folder (looked at {probe.absolute()})")
     recipe_spec = None
     if (probe / "recipe.yaml").is_file():
         from affinage.recipe.loader import load_recipe
 
-        recipe_spec = load_recipe(probe / "recipe.yaml").eval
-    spec = spec or recipe_spec
+        recipe_spec = load_recipe(probe / "recipe.yaml", overrides=overrides).eval
+    elif overrides:
+        raise UserError(f"--set applies to a run's recipe ({target} has no recipe.yaml): give the eval sets with "
+                        "--spec FILE or --ppl/--mcq NAME=PATH,key=value")
+    spec = combine(spec or recipe_spec, extra, replace)
     if spec is None:
         raise UserError(NO_SPEC)
     spec = select(spec, tasks)
@@ -264,7 +209,7 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
             max_length = context_length(loaded.model)
         models[role] = {"description": ref.description, "name_or_path": ref.spec.name_or_path,
                         "adapter": str(ref.adapter) if ref.adapter else None,
-                        "random_init_seed": ref.seed, "parameters": count_parameters(loaded.model)}
+                        "random_init_seed": ref.seed, "parameters": count_parameters(loaded.model)[0]}
         raw[role] = _evaluate_one(loaded, spec, data, max_length=max_length, batch_size=bs, device=device,
                                   limit=limit, progress=progress, role=role)
         if role == "base" and t.tuned.adapter is not None and t.tuned.same_base(ref) and not spec.lm_eval:
@@ -286,9 +231,10 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
                      "dtype": str(eval_dtype(device)).replace("torch.", ""),
                      "bootstrap": spec.bootstrap, "confidence": spec.confidence, "seed": spec.seed, "limit": limit,
                      "torch": torch.__version__},
-        "perplexity": [_ppl_entry(s, data.texts[s.name], {r: raw[r]["perplexity"][s.name] for r in raw}, spec)
-                       for s in spec.perplexity],
-        "mcq": [_mcq_entry(s, data.items[s.name], {r: raw[r]["mcq"][s.name] for r in raw}, spec) for s in spec.mcq],
+        "perplexity": [_ppl_entry(s, data.texts[s.name], data.groups[s.name], {r: raw[r]["perplexity"][s.name] for r in raw},
+                                  spec) for s in spec.perplexity],
+        "mcq": [_mcq_entry(s, data.items[s.name], data.groups[s.name], {r: raw[r]["mcq"][s.name] for r in raw}, spec)
+                for s in spec.mcq],
         "generation": [{"prompt": p, **{r: raw[r]["generation"][i] for r in raw}} for i, p in enumerate(data.prompts)]
         if spec.generation else [],
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
@@ -297,77 +243,6 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     results["seconds"] = round(time.monotonic() - start, 2)
     if write:
         write_results(root, results, raw, data, spec)
-        from affinage.eval.report import write_report
-
-        write_report(root, run=t.run, results=results)
-        if t.run is not None:
-            try:
-                from affinage.provenance import write_run_provenance
-
-                write_run_provenance(t.recipe, t.run, training_process=False)
-            except Exception as e:  # the card is refreshed on a best-effort basis; `affinage card` says why
-                _say(progress, f"could not refresh the model card ({type(e).__name__}: {e}); run affinage card {t.root}")
     results["_root"] = str(root)
+    results["_run_dir"] = str(t.root) if t.run is not None else None
     return results
-
-
-def write_results(root: Path, results: dict, raw: dict, data: _Data, spec: EvalSpec) -> Path:
-    from affinage.provenance.secrets import write_json, write_text
-
-    out = eval_dir(root)
-    out.mkdir(parents=True, exist_ok=True)
-    lines = []
-    for role, r in raw.items():
-        for name, scores in r["perplexity"].items():
-            for i, sc in enumerate(scores):
-                lines.append({"model": role, "kind": "perplexity", "set": name, "index": i, **sc.as_dict()})
-        for name, per_item in r["mcq"].items():
-            for i, row in enumerate(per_item):
-                lines.append({"model": role, "kind": "mcq", "set": name, "index": i, **row})
-        for i, text in enumerate(r["generation"] or []):
-            lines.append({"model": role, "kind": "generation", "index": i, "prompt": data.prompts[i], "output": text})
-    write_text(out / DETAILS_FILE, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-    return write_json(out / RESULTS_FILE, {k: v for k, v in results.items() if not k.startswith("_")})
-
-
-def read_results(root: Path) -> Optional[dict]:
-    p = eval_dir(root) / RESULTS_FILE
-    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
-
-
-def format_results(results: dict) -> str:
-    """The console summary (the report has the same numbers with plots)."""
-    lines = ["", "── affinage eval " + "─" * 43]
-    for e in results.get("perplexity", []):
-        b, t = e.get("base"), e.get("tuned")
-        line = f"{e['name']:<20} {e['role']:<10} bits/byte "
-        if b and t:
-            d = e["delta"]["bits_per_byte"]
-            rel = d["relative"]
-            verdict = "real" if d["excludes_zero"] else "not established"
-            line += (f"{b['bits_per_byte']:.4f} → {t['bits_per_byte']:.4f}  {rel['delta'] * 100:+.1f}% "
-                     f"[{rel['ci_low'] * 100:+.1f}%, {rel['ci_high'] * 100:+.1f}%] ({verdict})")
-        else:
-            line += f"{t['bits_per_byte']:.4f}"
-        lines.append(line)
-    for e in results.get("mcq", []):
-        b, t = e.get("base"), e.get("tuned")
-        line = f"{e['name']:<20} {e['role']:<10} acc "
-        if b and t:
-            d = e["delta"]["acc"]
-            line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]"
-                     f"   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  ({e['items']} items)")
-        else:
-            line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items)"
-        lines.append(line)
-    if results.get("generation"):
-        lines.append(f"{'generation':<20} {len(results['generation'])} prompts (see the report)")
-    le = results.get("lm_eval")
-    if le:
-        lines.append(f"{'lm-eval':<20} " + (le["skipped"] if "skipped" in le else ", ".join(le["tasks"])))
-    root = results.get("_root")
-    if root:
-        lines.append(f"{'report':<20} {Path(root) / 'report.md'}")
-        lines.append(f"{'results':<20} {eval_dir(Path(root)) / RESULTS_FILE}")
-    lines.append(f"{'time':<20} {results.get('seconds', 0):.0f} s")
-    return "\n".join(lines)

@@ -2,54 +2,53 @@
 
 The files are read with the same readers as training data (``.jsonl``/``.json``/``.parquet``, a
 folder of ``.txt`` files), so a malformed line is reported as ``file:line`` with what to fix.
-Multiple-choice items are JSON objects ``{"question": str, "choices": [str, ...], "answer": int}``
-(``answer`` is the index of the right choice, from 0), the layout of lm-eval's multiple-choice tasks.
+Multiple-choice items are JSON objects ``{"question": str, "choices": [str, ...], "answer": 0}``, the
+layout of lm-eval's multiple-choice tasks; the answer may also be a letter (``"B"``) or the right
+choice's text, and the field names can be mapped (``answer_index``, ``options``…). A set may name a
+grouping field (the book a passage comes from): its values travel with the items to the bootstrap.
 """
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Optional
 
 from affinage.data.errors import DataError
+from affinage.paths import expand
 from affinage.data.formats import nfc
 from affinage.data.readers import read_source
-
-
-def expand(path: str | os.PathLike) -> Path:
-    """``~`` and ``$VARS`` expanded; relative paths are relative to the current directory."""
-    return Path(os.path.expanduser(os.path.expandvars(os.fspath(path))))
-
-
-def file_sha256(path: Path) -> Optional[str]:
-    """sha256 of a file, or of a folder's files (names and contents, sorted); None if absent."""
-    path = Path(path)
-    if path.is_file():
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-        return h.hexdigest()
-    if path.is_dir():
-        h = hashlib.sha256()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
-            h.update(p.relative_to(path).as_posix().encode() + b"\0" + (file_sha256(p) or "").encode() + b"\n")
-        return h.hexdigest()
-    return None
 
 
 def _records(path: str, text_field: str = "text"):
     return read_source(SimpleNamespace(path=path, text_field=text_field))
 
 
+def _group(rec, group_field: Optional[str]) -> Optional[str]:
+    if group_field is None:
+        return None
+    value = rec.data.get(group_field)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise DataError(
+            f"{rec.where}: no group field {group_field!r} (keys: {', '.join(sorted(rec.data)) or 'none'}); every record "
+            "of a grouped set names its group — fix the record or the set's group_field",
+            where=rec.where, reason="no group field",
+        )
+    return str(value)
+
+
 # ---------------------------------------------------------------------------------- texts
-def read_texts(path: str, text_field: str = "text", max_records: Optional[int] = None) -> list[str]:
-    """The texts of a held-out file (NFC), in file order; empty texts are skipped."""
+@dataclass(frozen=True)
+class TextSet:
+    texts: list[str]
+    groups: Optional[list[str]]  # one label per text when the set names a group_field
+
+
+def read_text_set(path: str, text_field: str = "text", max_records: Optional[int] = None,
+                  group_field: Optional[str] = None) -> TextSet:
+    """The texts of a held-out file (NFC), in file order, with their groups; empty texts are skipped."""
     texts: list[str] = []
+    groups: list[str] = []
     for rec in _records(path, text_field):
         value = rec.data.get(text_field)
         if not isinstance(value, str):
@@ -60,11 +59,17 @@ def read_texts(path: str, text_field: str = "text", max_records: Optional[int] =
             )
         if value.strip():
             texts.append(nfc(value))
+            groups.append(_group(rec, group_field))
         if max_records and len(texts) >= max_records:
             break
     if not texts:
         raise DataError(f"evaluation file {path} holds no text", where=str(path), reason="empty")
-    return texts
+    return TextSet(texts, groups if group_field else None)
+
+
+def read_texts(path: str, text_field: str = "text", max_records: Optional[int] = None) -> list[str]:
+    """The texts of a held-out file (NFC), in file order; empty texts are skipped."""
+    return read_text_set(path, text_field, max_records).texts
 
 
 # -------------------------------------------------------------------------------- MCQ items
@@ -74,27 +79,56 @@ class McqItem:
     choices: tuple[str, ...]
     answer: int
     where: str
+    group: Optional[str] = None
 
 
-def read_mcq(path: str, max_items: Optional[int] = None) -> list[McqItem]:
-    """Multiple-choice items; each bad item is an error naming its line and the fix."""
+def _answer_index(answer, choices: list[str]) -> Optional[int]:
+    """The right choice's index from an index, a letter (A = 0) or the choice's own text; None if none fits."""
+    if isinstance(answer, bool):
+        return None
+    if isinstance(answer, int):
+        return answer if 0 <= answer < len(choices) else None
+    if isinstance(answer, str):
+        text = answer.strip()
+        if text.isdigit() and int(text) < len(choices):
+            return int(text)
+        if len(text) == 1 and text.isalpha() and ord(text.upper()) - 65 < len(choices):
+            return ord(text.upper()) - 65
+        stripped = [c.strip() for c in choices]
+        if text in stripped:
+            return stripped.index(text)
+    return None
+
+
+def read_mcq(path: str, max_items: Optional[int] = None, *, question_field: str = "question",
+             choices_field: str = "choices", answer_field: str = "answer",
+             group_field: Optional[str] = None) -> list[McqItem]:
+    """Multiple-choice items; each bad item is an error naming its line, the field and the fix."""
     items: list[McqItem] = []
+    layout = f'{{"{question_field}": "...", "{choices_field}": ["...", "..."], "{answer_field}": 0}}'
     for rec in _records(path):
         d = rec.data
-        q, choices, answer = d.get("question"), d.get("choices"), d.get("answer")
+        q, choices, answer = d.get(question_field), d.get(choices_field), d.get(answer_field)
         problem = None
+        index = None
         if not isinstance(q, str) or not q.strip():
-            problem = "'question' must be a non-empty string"
+            problem = f"{question_field!r} must be a non-empty string"
         elif not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c.strip() for c in choices):
-            problem = "'choices' must be a list of at least two non-empty strings"
-        elif isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
-            problem = f"'answer' must be the index (0 to {len(choices) - 1}) of the right choice, got {answer!r}"
+            problem = f"{choices_field!r} must be a list of at least two non-empty strings"
+        else:
+            index = _answer_index(answer, choices)
+            if index is None:
+                problem = (f"{answer_field!r} must be the index (0 to {len(choices) - 1}), the letter "
+                           f"(A to {chr(64 + len(choices))}) or the text of the right choice, got {answer!r}")
         if problem:
+            keys = ", ".join(sorted(d)) or "none"
             raise DataError(
-                f'{rec.where}: {problem}. Items look like {{"question": "...", "choices": ["...", "..."], "answer": 0}}',
+                f"{rec.where}: {problem} (keys here: {keys}). Items look like {layout}; map other field names with "
+                "question_field / choices_field / answer_field",
                 where=rec.where, reason="bad MCQ item",
             )
-        items.append(McqItem(nfc(q.strip()), tuple(nfc(c.strip()) for c in choices), int(answer), rec.where))
+        items.append(McqItem(nfc(q.strip()), tuple(nfc(c.strip()) for c in choices), int(index), rec.where,
+                             _group(rec, group_field)))
         if max_items and len(items) >= max_items:
             break
     if not items:

@@ -258,7 +258,12 @@ def load_model(recipe: Recipe, *, device_map=None):
 
 
 def count_parameters(model) -> tuple[int, int]:
-    """(total, trainable) parameter counts; 4-bit weights count as their unpacked size, ZeRO-3 shards as whole."""
+    """(total, trainable) parameter counts: the one count (plan, eval, provenance, merge use it).
+
+    4-bit weights count as their unpacked size and ZeRO-3 shards as whole (``ds_numel``);
+    transformers' ``num_parameters()`` knows the first but not the second, hence our own. Shared
+    (tied) parameters count once: ``parameters()`` yields each tensor once.
+    """
     total = trainable = 0
     for p in model.parameters():
         n = p.ds_numel if hasattr(p, "ds_numel") else p.numel()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from affinage.model.errors import MergeParityError, ModelFolderError
-from affinage.model.load import build_random_model, load_config, load_tokenizer, load_tokenizer_folder, resolve_dtype
+from affinage.model.load import build_random_model, count_parameters, load_config, load_tokenizer, load_tokenizer_folder, resolve_dtype
 from affinage.model.resolve import TOKENIZER_FILES, resolve_model_path
 from affinage.recipe.schema import ModelSpec, Recipe
 
@@ -171,7 +171,7 @@ def merge_adapter(
     try:
         merged.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        total = sum(p.numel() for p in merged.parameters())
+        total = count_parameters(merged)[0]
         del merged, model
         gc.collect()
         reloaded = AutoModelForCausalLM.from_pretrained(

@@ -7,7 +7,11 @@ model hangs or fails late. So ``model.name_or_path`` is looked up, in order, as
 2. an entry of the Hugging Face cache (``$HF_HUB_CACHE``, else ``$HF_HOME/hub``, else
    ``~/.cache/huggingface/hub``), laid out ``models--org--name/snapshots/<commit>`` with
    ``refs/<revision>`` naming the commit — read directly, no ``huggingface_hub`` call that could
-   reach the network;
+   reach the network. ``huggingface_hub.snapshot_download(local_files_only=True)`` finds the same
+   folder (a test checks both agree) but answers a miss with one exception, where a user on a
+   compute node needs to know *what* is missing (no refs/main, an incomplete snapshot, a revision
+   that is not there); it also refuses a cache filled by commit with no ``refs/main``, which we
+   accept when it holds a single snapshot;
 3. each mirror folder of ``model.mirrors`` as ``<mirror>/<org>/<name>`` (Jean Zay's
    ``$DSDIR/HuggingFace_Models``); a mirror whose variable is unset is skipped, and said so.
 
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Iterable, Literal, Optional
 
 from affinage.model.errors import ModelFolderError, ModelNotFoundError
+from affinage.paths import expand_str
 
 Kind = Literal["model", "tokenizer"]
 
@@ -48,7 +53,7 @@ def hf_cache_dirs() -> list[tuple[Path, str]]:
 
 def _expand(text: str) -> tuple[str, list[str]]:
     """Expand ``~`` and ``$VARS``; also return the names of variables that are not set."""
-    expanded = os.path.expandvars(os.path.expanduser(text))
+    expanded = expand_str(text)
     missing = [m.group(1) for m in _UNSET_VAR.finditer(expanded) if m.group(1) not in os.environ]
     return expanded, missing
 
@@ -146,6 +151,16 @@ def staging_hint(name: str) -> str:
     )
 
 
+#: folders already resolved in this process: plan, prepare, load, provenance and eval of one run ask
+#: the same question, and on a cluster the HF cache and mirrors sit on a slow shared file system
+_RESOLVED: dict[tuple, Path] = {}
+
+
+def forget_resolved() -> None:
+    """Forget the folders resolved so far (a notebook or test that restages a model mid-process)."""
+    _RESOLVED.clear()
+
+
 def resolve_model_path(
     name_or_path: str | os.PathLike,
     revision: Optional[str] = None,
@@ -156,7 +171,19 @@ def resolve_model_path(
 
     ``revision`` (branch, tag or commit) applies to the HF cache only: local folders and mirrors
     hold one version. ``kind="tokenizer"`` accepts a folder with tokenizer files but no config.json.
+    Resolved once per process for the same question (name, revision, mirrors and the settings they
+    expand to, current folder); a remembered folder that has gone is looked up again.
     """
+    mirrors = tuple(mirrors)
+    key = (expand_str(os.fspath(name_or_path)), revision, tuple(expand_str(m) for m in mirrors), kind,
+           tuple(str(c) for c, _ in hf_cache_dirs()), os.getcwd())
+    found = _RESOLVED.get(key)
+    if found is None or not found.is_dir():
+        found = _RESOLVED[key] = _resolve(name_or_path, revision, mirrors, kind)
+    return found
+
+
+def _resolve(name_or_path: str | os.PathLike, revision: Optional[str], mirrors: Iterable[str], kind: Kind) -> Path:
     if kind not in ("model", "tokenizer"):
         raise ValueError(f"kind must be 'model' or 'tokenizer' (got {kind!r})")
     raw = os.fspath(name_or_path)

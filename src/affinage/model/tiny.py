@@ -51,6 +51,44 @@ DEFAULT_TEXTS: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------------------- config
+_ROPE_KEYS = ("rope_parameters", "rope_scaling")
+_PER_FREQUENCY = ("short_factor", "long_factor", "ext_factor")  # longrope (Phi-3.5/4): one factor per rotary pair
+
+
+def _shrink_rope(d: dict) -> None:
+    """Rope settings that follow the tiny head size (transformers validates them against it).
+
+    Per-frequency lists (longrope's ``short_factor``/``long_factor``) have one entry per rotary
+    pair, ``head_dim · partial_rotary_factor / 2``: they are cut to the tiny model's count (the
+    first, highest-frequency entries: a smoke test checks the code path, not the scaling's values).
+    ``original_max_position_embeddings`` is kept below the tiny ``max_position_embeddings`` so that
+    the scaling stays active as in the real model. ``mrope_section`` (multimodal rope) sums to the
+    rotary half-size and is rescaled proportionally.
+    """
+    head_dim = d.get("head_dim") or TINY_HIDDEN // TINY_HEADS
+    for key in _ROPE_KEYS:
+        rope = d.get(key)
+        if not isinstance(rope, dict):
+            continue
+        factor = rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) or 1.0
+        pairs = int(head_dim * factor) // 2
+        for name in _PER_FREQUENCY:
+            if isinstance(rope.get(name), list) and len(rope[name]) != pairs:
+                values = list(rope[name])
+                rope[name] = (values + values[-1:] * pairs)[:pairs]
+        omax = rope.get("original_max_position_embeddings")
+        if isinstance(omax, int) and omax >= d["max_position_embeddings"]:
+            rope["original_max_position_embeddings"] = max(1, d["max_position_embeddings"] // 2)
+        if isinstance(rope.get("mrope_section"), list) and sum(rope["mrope_section"]):
+            sec = rope["mrope_section"]
+            scaled = [max(1, round(x * pairs / sum(sec))) for x in sec]
+            scaled[-1] += pairs - sum(scaled)
+            rope["mrope_section"] = scaled
+    omax = d.get("original_max_position_embeddings")
+    if isinstance(omax, int) and omax >= d["max_position_embeddings"]:
+        d["original_max_position_embeddings"] = max(1, d["max_position_embeddings"] // 2)
+
+
 def tiny_config(config, vocab_size: Optional[int] = None, *, max_position_embeddings: int = TINY_MAX_POSITIONS):
     """A scaled-down copy of ``config``: same ``model_type``, architecture and flags, tiny sizes.
 
@@ -90,6 +128,7 @@ def tiny_config(config, vocab_size: Optional[int] = None, *, max_position_embedd
     for key, cap in (("num_local_experts", 4), ("num_experts", 4), ("n_routed_experts", 4), ("num_experts_per_tok", 2)):
         if isinstance(d.get(key), int):
             d[key] = min(d[key], cap)
+    _shrink_rope(d)
     if vocab_size is not None:
         d["vocab_size"] = int(vocab_size)
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):

@@ -22,10 +22,11 @@ def write_run_provenance(recipe, run, result=None, *, training_process: bool = T
     ``training_process=False`` (``affinage card``/``eval``) the hardware recorded by the training
     process is kept from the previous manifest.
     """
-    from affinage.eval.report import write_report
-    from affinage.eval.runner import read_results
+    from affinage.eval.results import read_results
     from affinage.provenance import aiact, card
-    from affinage.provenance.manifest import PROVENANCE_FILE, build_manifest
+    from affinage.provenance.report import write_report
+    from affinage.provenance.lineage import PROVENANCE_FILE
+    from affinage.provenance.manifest import build_manifest
 
     manifest = build_manifest(recipe, run, result, training_process=training_process)
     written: dict[str, Path] = {"manifest": write_json(run.root / PROVENANCE_FILE, manifest)}

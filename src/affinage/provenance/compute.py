@@ -21,9 +21,7 @@ the fallback. This is an indication for the user, not legal advice.
 
 from __future__ import annotations
 
-import json
 import re
-import struct
 from pathlib import Path
 from typing import Optional
 
@@ -122,21 +120,19 @@ def compute_check(run_flops: Optional[float], base_name: str, *, init: str = "pr
 # ------------------------------------------------------------------------------------ parameters
 def safetensors_parameters(folder: Path) -> Optional[int]:
     """Parameters stored in a folder's ``*.safetensors`` files, from their headers only (no weights read)."""
+    from safetensors import safe_open
+
     files = sorted(Path(folder).glob("*.safetensors"))
     if not files:
         return None
     total = 0
     for f in files:
-        with open(f, "rb") as fh:
-            (n,) = struct.unpack("<Q", fh.read(8))
-            header = json.loads(fh.read(n))
-        for name, info in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for d in info.get("shape", []):
-                count *= int(d)
-            total += count
+        with safe_open(str(f), framework="numpy") as fh:  # reads the header; tensors are not loaded
+            for name in fh.keys():
+                count = 1
+                for d in fh.get_slice(name).get_shape():
+                    count *= int(d)
+                total += count
     return total
 
 
@@ -149,11 +145,8 @@ def config_parameters(folder: Path, trust_remote_code: bool = False) -> Optional
         config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code, local_files_only=True)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-        seen, total = set(), 0
-        for p in model.parameters():
-            if id(p) not in seen:
-                seen.add(id(p))
-                total += p.numel()
-        return total
+        from affinage.model.load import count_parameters
+
+        return count_parameters(model)[0]
     except Exception:
         return None

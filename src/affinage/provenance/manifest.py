@@ -25,383 +25,20 @@ listed here, and every string is scrubbed of secrets (``affinage.provenance.secr
 from __future__ import annotations
 
 import json
-import os
-import platform
-import re
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any, Optional
-from urllib.parse import urlparse
+from typing import Optional
 
-from affinage.errors import UserError
-from affinage.eval.sets import file_sha256
+from affinage.hashing import FileHasher
 from affinage.provenance import compute as compute_mod
 from affinage.provenance import energy as energy_mod
-from affinage.provenance.language import shares
+from affinage.provenance.environment import cluster_profile, hardware, software, training_time
+from affinage.provenance.files import Hasher
+from affinage.provenance.lineage import PROVENANCE_FILE, describe_base
+from affinage.provenance.sources import describe_sources
 
 SCHEMA = "affinage.provenance/1"
-PROVENANCE_FILE = "provenance.json"
-SIDECAR_SUFFIXES = (".provenance.yaml", ".provenance.yml", ".provenance.json")
-LANGUAGE_SAMPLE_RECORDS = 2000
-LIBRARIES = ("torch", "transformers", "tokenizers", "peft", "trl", "accelerate", "datasets", "safetensors",
-             "bitsandbytes", "deepspeed", "numpy", "pydantic", "lm_eval", "matplotlib")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_COMMIT = re.compile(r"^[0-9a-f]{40}$")
-_URL = re.compile(r"https?://[^\s\"'<>)]+")
-
-
-# ------------------------------------------------------------------------------------- hashing
-class Hasher:
-    """sha256 of files, reusing known hashes (previous manifest, HF cache blob names)."""
-
-    def __init__(self, previous: Optional[dict] = None):
-        self.known: dict[str, tuple[int, int, str]] = {}
-        for entry in _walk_file_entries(previous or {}):
-            if all(k in entry for k in ("path", "bytes", "mtime_ns", "sha256")) and entry["sha256"]:
-                self.known[entry["path"]] = (entry["bytes"], entry["mtime_ns"], entry["sha256"])
-
-    def file(self, path: Path) -> dict:
-        path = Path(path)
-        st = path.stat()
-        key = str(path.absolute())
-        entry = {"name": path.name, "path": key, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
-        target = path.resolve()
-        if path.is_symlink() and _HEX64.match(target.name):
-            entry.update(sha256=target.name, hash_from="Hugging Face cache blob name")
-        elif key in self.known and self.known[key][:2] == (st.st_size, st.st_mtime_ns):
-            entry.update(sha256=self.known[key][2], hash_from="previous manifest (same size and time)")
-        else:
-            entry.update(sha256=file_sha256(path), hash_from="computed")
-        return entry
-
-    def folder(self, folder: Path, skip: tuple[str, ...] = ()) -> list[dict]:
-        return [self.file(p) for p in sorted(Path(folder).iterdir())
-                if p.is_file() and not p.name.startswith(".") and p.name not in skip]
-
-
-def _walk_file_entries(data: Any):
-    if isinstance(data, dict):
-        if "sha256" in data and "path" in data:
-            yield data
-        for v in data.values():
-            yield from _walk_file_entries(v)
-    elif isinstance(data, list):
-        for v in data:
-            yield from _walk_file_entries(v)
-
-
-# ------------------------------------------------------------------------------------- sources
-def find_sidecar(path: Path) -> Optional[Path]:
-    """``<file>.provenance.yaml`` (or .yml/.json) next to a file; for a folder also ``<folder>/provenance.yaml``."""
-    candidates = [path.with_name(path.name + s) for s in SIDECAR_SUFFIXES]
-    if path.is_dir():
-        candidates += [path / ("provenance" + s.split(".provenance")[1]) for s in SIDECAR_SUFFIXES]
-    return next((c for c in candidates if c.is_file()), None)
-
-
-def read_sidecar(path: Path) -> dict:
-    import yaml
-    from pydantic import ValidationError
-
-    from affinage.recipe.schema import SourceCardSpec
-
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
-        raise UserError(f"{path}: cannot read this provenance sidecar ({e})") from None
-    if isinstance(data, dict) and "license" in data and "licence" not in data:
-        data["licence"] = data.pop("license")
-    try:
-        return SourceCardSpec.model_validate(data).model_dump(exclude_none=True)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())
-        raise UserError(f"{path}: {problems}. Keys: licence, origin, category, description, domains, opt_out, collected") from None
-
-
-def _record_text(data: dict, spec) -> str:
-    text = data.get(spec.text_field)
-    if isinstance(text, str):
-        return text
-    msgs = data.get(spec.messages_field)
-    if isinstance(msgs, list):
-        return "\n".join(str(m.get("content", "")) for m in msgs if isinstance(m, dict))
-    return "\n".join(str(v) for k, v in data.items() if isinstance(v, str) and k not in ("source", "license", "licence", "url"))
-
-
-def sample_source(spec, limit: int = LANGUAGE_SAMPLE_RECORDS) -> dict:
-    """Language share, licences written in the records, and URL domains, on the first ``limit`` records."""
-    from affinage.data.readers import read_source
-
-    texts, licences, domains = [], Counter(), Counter()
-    n = 0
-    try:
-        for rec in read_source(spec, on_bad_record="skip"):
-            d = rec.data
-            texts.append(_record_text(d, spec))
-            for key in ("license", "licence", "License"):
-                if isinstance(d.get(key), str) and d[key].strip():
-                    licences[d[key].strip()] += 1
-            for key in ("url", "source", "link", "origin"):
-                v = d.get(key)
-                if isinstance(v, str):
-                    for u in _URL.findall(v):
-                        host = urlparse(u).hostname
-                        if host:
-                            domains[host.removeprefix("www.")] += 1
-            n += 1
-            if n >= limit:
-                break
-    except Exception as e:  # an unreadable source is reported, never hidden
-        return {"error": f"{type(e).__name__}: {e}"}
-    share, docs, chars = shares(texts)
-    return {"records": n, "characters": chars, "language_share": share, "record_licences": dict(licences.most_common(10)),
-            "url_domains": dict(domains.most_common(20)), "complete": n < limit}
-
-
-def describe_sources(recipe, stats: Optional[dict], hasher: Hasher) -> list[dict]:
-    from affinage.data.dataset import source_names
-    from affinage.data.readers import source_path
-
-    card_sources = (recipe.card.sources if recipe.card else {}) or {}
-    stats_sources = (stats or {}).get("sources", {})
-    out = []
-    for spec, name in zip(recipe.data.sources, source_names(recipe.data.sources)):
-        path = source_path(spec)
-        entry: dict[str, Any] = {"name": name, "path": spec.path, "resolved_path": str(path.absolute()),
-                                 "format": spec.format, "weight": spec.weight, "exists": path.exists()}
-        if path.is_file():
-            f = hasher.file(path)
-            entry.update(kind="file", sha256=f["sha256"], bytes=f["bytes"], mtime_ns=f["mtime_ns"], hash_from=f["hash_from"])
-        elif path.is_dir():
-            files = [p for p in sorted(path.rglob("*")) if p.is_file()]
-            entry.update(kind="folder", files=len(files), bytes=sum(p.stat().st_size for p in files),
-                         sha256=file_sha256(path), hash_from="computed (sorted relative paths and file hashes)")
-        sidecar = find_sidecar(path) if path.exists() else None
-        side = read_sidecar(sidecar) if sidecar else {}
-        if sidecar:
-            entry["sidecar"] = str(sidecar)
-        card = card_sources.get(name)
-        card = card.model_dump(exclude_none=True) if card is not None else {}
-        sample = sample_source(spec) if path.exists() else {"error": "path does not exist"}
-        entry["sample"] = sample
-
-        def pick(field: str, recipe_value=None):
-            for value, where in ((recipe_value, "recipe (data.sources)"), (card.get(field), "recipe (card.sources)"),
-                                 (side.get(field), f"sidecar {sidecar.name if sidecar else ''}")):
-                if value:
-                    return value, where
-            return None, None
-
-        entry["licence"], entry["licence_from"] = pick("licence", spec.licence)
-        if not entry["licence"] and sample.get("record_licences"):
-            lic = sample["record_licences"]
-            entry["licence"] = "; ".join(f"{k} ({v} records)" for k, v in lic.items())
-            entry["licence_from"] = "the records' own licence field (sample)"
-        entry["origin"], entry["origin_from"] = pick("origin", spec.origin)
-        for field in ("category", "description", "opt_out", "collected"):
-            entry[field] = pick(field)[0]
-        entry["domains"] = card.get("domains") or side.get("domains") or list(sample.get("url_domains", {}))[:10]
-        flags = []
-        if not entry["licence"]:
-            flags.append("no licence: set data.sources[].licence, card.sources, or a sidecar file")
-        if not entry["origin"]:
-            flags.append("no origin")
-        if not entry["exists"]:
-            flags.append("path not found now (moved or deleted after training?)")
-        entry["flags"] = flags
-        st = stats_sources.get(name)
-        if st:
-            skipped = (st.get("skipped") or {}).get("count", 0)
-            kept = st.get("documents_kept", st.get("records_read"))
-            entry["records"] = {
-                "read": st.get("records_read"),
-                "skipped_malformed": skipped,
-                "kept_after_filters": kept,
-                "filters": {k: v.get("dropped") for k, v in (st.get("filters") or {}).items()},
-                "heldout": st.get("heldout_records"),
-                "train": st.get("train_records"),
-                "train_weighted": st.get("train_records_weighted"),
-            }
-            tr, he = st.get("train") or {}, st.get("heldout") or {}
-            entry["tokens"] = {"train": tr.get("tokens"), "train_with_loss": tr.get("loss_tokens"),
-                               "heldout": he.get("tokens")}
-        out.append(entry)
-    return out
-
-
-# ----------------------------------------------------------------------------------- base model
-def describe_base(recipe, hasher: Hasher) -> dict:
-    from affinage.model.resolve import resolve_model_path
-
-    spec = recipe.model
-    out: dict[str, Any] = {"name_or_path": spec.name_or_path, "revision": spec.revision, "init": spec.init,
-                           "tokenizer": spec.tokenizer, "dtype": spec.dtype}
-    if spec.init == "random":
-        out["seed"] = recipe.seed
-    try:
-        path = resolve_model_path(spec.name_or_path, revision=spec.revision, mirrors=spec.mirrors)
-    except Exception as e:
-        out["resolved_path"] = None
-        out["note"] = f"not found on this machine now: {str(e).splitlines()[0]}"
-        return out
-    out["resolved_path"] = str(path)
-    if path.parent.name == "snapshots" and _COMMIT.match(path.name):
-        out["commit"] = path.name
-    cfg = path / "config.json"
-    if cfg.is_file():
-        c = json.loads(cfg.read_text(encoding="utf-8"))
-        out["model_type"] = c.get("model_type")
-        out["architectures"] = c.get("architectures")
-    out["files"] = hasher.folder(path, skip=("README.md",))
-    params = None if spec.init == "random" else compute_mod.safetensors_parameters(path)
-    out["parameters"] = params or compute_mod.config_parameters(path, spec.trust_remote_code)
-    parent = path.parent
-    if path.name in ("final", "merged") and (parent / PROVENANCE_FILE).is_file():
-        try:
-            up = json.loads((parent / PROVENANCE_FILE).read_text(encoding="utf-8"))
-            out["lineage"] = {
-                "run": up.get("run", {}).get("name"),
-                "run_dir": str(parent),
-                "provenance": str(parent / PROVENANCE_FILE),
-                "provenance_sha256": file_sha256(parent / PROVENANCE_FILE),
-                "training_flops": (up.get("compute") or {}).get("flops"),
-                "base_training_flops": ((up.get("ai_act") or {}).get("compute_check") or {}).get("base_flops"),
-                "base_model": (up.get("base_model") or {}).get("name_or_path"),
-                "base_init": (up.get("base_model") or {}).get("init"),
-                "sources": [{"name": s.get("name"), "licence": s.get("licence"), "sha256": s.get("sha256")}
-                            for s in up.get("sources", [])],
-            }
-        except (OSError, ValueError):
-            pass
-    return out
-
-
-# -------------------------------------------------------------------------------- software etc.
-def git_info(start: Optional[Path] = None) -> dict:
-    """Commit of the affinage checkout (when it is one) and whether it has uncommitted changes."""
-    import affinage
-
-    folder = start or Path(affinage.__file__).resolve().parents[2]
-    if not (folder / ".git").exists():
-        return {"commit": None, "note": "affinage is not installed from a git checkout"}
-    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GIT_TERMINAL_PROMPT": "0", "HOME": os.environ.get("HOME", "/")}
-
-    def git(*args: str) -> Optional[str]:
-        try:
-            p = subprocess.run(["git", "-C", str(folder), *args], capture_output=True, text=True, timeout=10, env=env)
-            return p.stdout.strip() if p.returncode == 0 else None
-        except (OSError, subprocess.SubprocessError):
-            return None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no")
-    return {"commit": commit, "dirty": bool(status) if status is not None else None}
-
-
-def library_versions() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in LIBRARIES:
-        try:
-            out[name] = version(name.replace("_", "-")) if name != "lm_eval" else version("lm_eval")
-        except PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def software() -> dict:
-    import affinage
-
-    return {"affinage": affinage.__version__, "git": git_info(), "python": platform.python_version(),
-            "libraries": library_versions()}
-
-
-def _cpu_name() -> Optional[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or None
-
-
-def hardware(world_size: Optional[int] = None) -> dict:
-    """The machine of the calling process (call it from the training process)."""
-    import torch
-
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:
-        cores = os.cpu_count()
-    try:
-        mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    except (ValueError, OSError, AttributeError):
-        mem = None
-    gpus = []
-    if torch.cuda.is_available():
-        for i in range(torch.cuda.device_count()):
-            p = torch.cuda.get_device_properties(i)
-            gpus.append({"name": p.name, "memory_gb": round(p.total_memory / 2**30, 1)})
-    slurm = {k.lower().removeprefix("slurm_"): os.environ[k] for k in
-             ("SLURM_JOB_ID", "SLURM_CLUSTER_NAME", "SLURM_JOB_NUM_NODES", "SLURM_JOB_PARTITION") if k in os.environ}
-    return {
-        "recorded_by": "training process",
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "cpu": _cpu_name(),
-        "cpu_cores_visible": cores,
-        "memory_gb": round(mem, 1) if mem else None,
-        "gpus": gpus,
-        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
-        "world_size": world_size,
-        "device_kind": "gpu" if gpus else "cpu",
-        "slurm": slurm or None,
-    }
-
-
-def training_time(metrics: list[dict]) -> tuple[Optional[float], int]:
-    """(seconds of training loop summed over sessions, sessions) from ``train_runtime`` in metrics.jsonl."""
-    total, sessions, current, last = 0.0, 0, None, None
-    for row in metrics:
-        rt = row.get("train_runtime")
-        if not isinstance(rt, (int, float)):
-            continue
-        if current is None or (last is not None and rt < last):
-            if current is not None:
-                total += current
-            sessions += 1
-            current = 0.0
-        current = max(current, rt)
-        last = rt
-    if current is not None:
-        total += current
-    return (total if sessions else None), sessions
-
-
-def cluster_profile(run_root: Path):
-    """The cluster profile the run was submitted with (RUN_DIR/slurm/jobs.jsonl), if any."""
-    jobs = run_root / "slurm" / "jobs.jsonl"
-    if not jobs.is_file():
-        return None
-    name = None
-    for line in jobs.read_text(encoding="utf-8").splitlines():
-        try:
-            e = json.loads(line)
-        except ValueError:
-            continue
-        name = e.get("profile") or name
-    if not name:
-        return None
-    try:
-        from affinage.slurm.profiles import load_profile
-
-        return load_profile(name)
-    except Exception:
-        return None
 
 
 # ------------------------------------------------------------------------------------- manifest
@@ -490,7 +127,7 @@ def build_manifest(recipe, run, result=None, *, training_process: bool = True, p
         "run": {"name": recipe.name, "description": recipe.description, "task": recipe.task, "method": recipe.method.kind,
                 "run_dir": str(run.root), "completed": summary.get("completed"), "steps": summary.get("steps"),
                 "max_steps": summary.get("max_steps")},
-        "recipe": {"file": str(run.recipe), "sha256": file_sha256(run.recipe),
+        "recipe": {"file": str(run.recipe), "sha256": FileHasher().maybe(run.recipe),
                    "resolved": yaml.safe_load(dump_resolved(recipe))},
         "sources": sources,
         "totals": _totals(sources),
@@ -501,7 +138,7 @@ def build_manifest(recipe, run, result=None, *, training_process: bool = True, p
         "compute": compute,
         "energy": energy,
         "ai_act": {"compute_check": check},
-        "evaluation": {"results": str(eval_file), "sha256": file_sha256(eval_file)} if eval_file.is_file() else None,
+        "evaluation": {"results": str(eval_file), "sha256": FileHasher().maybe(eval_file)} if eval_file.is_file() else None,
     }
 
 
@@ -524,3 +161,4 @@ def _totals(sources: list[dict]) -> dict:
     total = sum(chars.values())
     t["language_share"] = {k: round(v / total, 4) for k, v in chars.most_common()} if total else {}
     return t
+

@@ -21,26 +21,23 @@ whole explanation (no traceback needed).
 
 from __future__ import annotations
 
-from affinage.errors import UserError
 import copy
-import difflib
 import os
 import re
-import types
 import typing
 import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from affinage import __version__
+from affinage.errors import UserError
+from affinage.recipe.problems import KeyPath, Origin, Problem, Where, dotted, show_path, annotation_at, members, model_at, step, translate, unknown_key
 from affinage.recipe.schema import Recipe
-
-KeyPath = tuple[Union[str, int], ...]
 
 # YAML 1.1 reads ``1e-4`` as a string; researchers write learning rates that way. Teach both the
 # loader and the dumper (so that a string such as ``"1e5"`` is quoted when written back).
@@ -60,39 +57,6 @@ for _cls in (_Loader, _Dumper):
 
 
 # ------------------------------------------------------------------------------------- errors
-@dataclass(frozen=True)
-class Origin:
-    """Where a value was written: a line of a file, a ``--set`` override, or a dict given in code."""
-
-    file: Optional[Path] = None
-    line: Optional[int] = None
-    override: Optional[str] = None
-
-    def __str__(self) -> str:
-        if self.override is not None:
-            return f"--set {self.override}"
-        if self.file is None:
-            return "<recipe dict>"
-        return f"{_show(self.file)}:{self.line}" if self.line else _show(self.file)
-
-    @property
-    def folder(self) -> Path:
-        """Folder that relative paths written here are relative to (the CWD for ``--set`` and dicts)."""
-        return self.file.parent if self.file else Path.cwd()
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One thing wrong with a recipe, printed as ``where: key.path: message``."""
-
-    origin: Origin
-    key: str
-    message: str
-
-    def __str__(self) -> str:
-        return ": ".join(part for part in (str(self.origin), self.key, self.message) if part)
-
-
 class RecipeError(UserError):
     """A recipe that cannot be used; ``str()`` is the full, human explanation (one line per problem)."""
 
@@ -107,15 +71,6 @@ class RecipeError(UserError):
         lines = [f"{self.source}: {len(self.problems)} problems in the recipe:"]
         return "\n".join(lines + [f"  {p}" for p in self.problems])
 
-
-def _show(path: Path) -> str:
-    """A path as the user would type it: relative to the CWD when under it."""
-    cwd = Path.cwd()
-    return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else str(path)
-
-
-def _dotted(path: KeyPath) -> str:
-    return ".".join(str(part) for part in path)
 
 
 # ---------------------------------------------------------------------------------- documents
@@ -213,7 +168,7 @@ def _record_lines(loader: _Loader, node: yaml.Node, path: KeyPath, file: Path, o
             key = loader.construct_object(key_node)
             line = key_node.start_mark.line + 1
             if key in first_line:
-                raise RecipeError([Problem(Origin(file, line), _dotted(path + (key,)),
+                raise RecipeError([Problem(Origin(file, line), dotted(path + (key,)),
                                            f"duplicate key {key!r} (first set at line {first_line[key]}); remove one of them")])
             first_line[key] = line
             origins[path + (key,)] = Origin(file, line)
@@ -232,84 +187,15 @@ def _read(path: Path, chain: tuple[Path, ...] = ()) -> _Doc:
         raise RecipeError([Problem(where, "base", f"must be the path of another recipe file (got {base!r})")])
     base_path = Path(os.path.abspath(path.parent / base))
     if base_path in chain + (path,):
-        loop = " -> ".join(_show(p) for p in chain + (path, base_path))
+        loop = " -> ".join(show_path(p) for p in chain + (path, base_path))
         raise RecipeError([Problem(where, "base", f"base recipes form a cycle: {loop}")])
     if not base_path.is_file():
-        raise RecipeError([Problem(where, "base", f"base recipe {base!r} not found (looked for {_show(base_path)})")])
+        raise RecipeError([Problem(where, "base", f"base recipe {base!r} not found (looked for {show_path(base_path)})")])
     doc = _read(base_path, chain + (path,))
     doc.overlay(data, origins)
     doc.origins[()] = origins[()]
     doc.files.insert(0, path)
     return doc
-
-
-# ---------------------------------------------------------------------------------- schema walk
-def _members(annotation: Any) -> tuple[Any, ...]:
-    """The alternatives of an Optional/Union annotation (or the annotation itself)."""
-    if typing.get_origin(annotation) in (Union, types.UnionType):
-        return typing.get_args(annotation)
-    return (annotation,)
-
-
-def _is_model(annotation: Any) -> bool:
-    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
-
-
-def _step(annotation: Any, part: Union[str, int]) -> Any:
-    """Annotation of ``part`` inside a value of type ``annotation``; None if the schema has no such key."""
-    for member in _members(annotation):
-        if isinstance(part, int) and typing.get_origin(member) is list:
-            return typing.get_args(member)[0]
-        if isinstance(part, str) and _is_model(member) and part in member.model_fields:
-            return member.model_fields[part].annotation
-    return None
-
-
-def _annotation_at(path: KeyPath) -> Any:
-    annotation: Any = Recipe
-    for part in path:
-        annotation = _step(annotation, part)
-        if annotation is None:
-            return None
-    return annotation
-
-
-def _model_at(path: KeyPath) -> Optional[type[BaseModel]]:
-    return next((m for m in _members(_annotation_at(path)) if _is_model(m)), None)
-
-
-def _all_field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> dict[str, str]:
-    """``{field name: dotted path}`` for every nested field, to place a key written at the wrong level."""
-    found: dict[str, str] = {}
-    for name, info in model.model_fields.items():
-        found.setdefault(name, prefix + name)
-        for member in _members(info.annotation):
-            inner = typing.get_args(member)[0] if typing.get_origin(member) is list else member
-            if _is_model(inner) and name != "duration":  # a duration is written as text, not unit/value
-                for sub, dotted in _all_field_paths(inner, f"{prefix}{name}.").items():
-                    found.setdefault(sub, dotted)
-    return found
-
-
-def _unknown_key(path: KeyPath) -> str:
-    """Message for a key the schema does not have, with a did-you-mean and the valid keys."""
-    key, parent = str(path[-1]), path[:-1]
-    model = _model_at(parent)
-    valid = list(model.model_fields) if model else []
-    text = f"unknown key {key!r}."
-    close = difflib.get_close_matches(key, valid, n=1)
-    elsewhere = _all_field_paths().get(key)  # a key written at the wrong level
-    if close:
-        text += f" Did you mean {close[0]!r}?"
-    elif elsewhere:
-        text += f" Did you mean {elsewhere!r}{'' if '.' in elsewhere else ' (a top-level key)'}?"
-    where = f"in {_dotted(parent)}" if parent else "at the top level"
-    extra = ", base" if not parent else ""
-    return f"{text} Valid keys {where}: {', '.join(valid)}{extra}"
-
-
-def _literal_choices(annotation: Any) -> list[Any]:
-    return [c for m in _members(annotation) if typing.get_origin(m) is Literal for c in typing.get_args(m)]
 
 
 # ---------------------------------------------------------------------------------- overrides
@@ -326,20 +212,20 @@ def _apply_override(doc: _Doc, text: str) -> None:
         raise RecipeError([Problem(here, key, f"cannot read the value as YAML ({getattr(e, 'problem', e)})")]) from None
     for depth in range(len(parts)):
         parent, part = parts[:depth], parts[depth]
-        annotation = _annotation_at(parent)
-        if _step(annotation, part) is None:
-            if _model_at(parent) is not None:
-                raise RecipeError([Problem(here, _dotted(parts[: depth + 1]), _unknown_key(parts[: depth + 1]))])
-            if any(typing.get_origin(m) is list for m in _members(annotation)):
-                raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} is a list: select an item by its index, e.g. {_dotted(parent)}.0")])
-            raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} is a single value, not a section: set {_dotted(parent)} itself")])
+        annotation = annotation_at(Recipe, parent)
+        if step(annotation, part) is None:
+            if model_at(Recipe, parent) is not None:
+                raise RecipeError([Problem(here, dotted(parts[: depth + 1]), unknown_key(Recipe, parts[: depth + 1]))])
+            if any(typing.get_origin(m) is list for m in members(annotation)):
+                raise RecipeError([Problem(here, dotted(parts), f"{dotted(parent)} is a list: select an item by its index, e.g. {dotted(parent)}.0")])
+            raise RecipeError([Problem(here, dotted(parts), f"{dotted(parent)} is a single value, not a section: set {dotted(parent)} itself")])
         node = doc.get(parent)
         if isinstance(node, list):
             if not isinstance(part, int) or not 0 <= part < len(node):
-                raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} has {len(node)} item(s); index {part} is out of range")])
+                raise RecipeError([Problem(here, dotted(parts), f"{dotted(parent)} has {len(node)} item(s); index {part} is out of range")])
         elif not isinstance(node, dict):
-            raise RecipeError([Problem(here, _dotted(parts), f"{_dotted(parent)} is {node!r}, not a mapping; set {_dotted(parent)} itself instead")])
-        elif depth < len(parts) - 1 and node.get(part) is None and _model_at(parts[: depth + 1]):
+            raise RecipeError([Problem(here, dotted(parts), f"{dotted(parent)} is {node!r}, not a mapping; set {dotted(parent)} itself instead")])
+        elif depth < len(parts) - 1 and node.get(part) is None and model_at(Recipe, parts[: depth + 1]):
             node[part] = {}  # e.g. method.lora.r=8 in a recipe without method:
     doc.replace(parts, value, {parts: here})
 
@@ -351,7 +237,8 @@ def _resolve_paths(doc: _Doc) -> None:
     Rule: ``data.sources[*].path`` always; ``model.chat_template`` when it ends in ``.jinja``
     (otherwise it names a built-in template); ``model.name_or_path`` and ``model.tokenizer`` only
     when they start with ``./`` or ``../`` (otherwise they may be Hugging Face ids like
-    ``org/name``). A path written in a recipe file is relative to that file's folder (a base file's
+    ``org/name``) — or when they name an existing folder relative to where they were written (then
+    the run records the folder, not a path that means something else from another directory). A path written in a recipe file is relative to that file's folder (a base file's
     folder for keys it defined); one given with ``--set`` or in a dict is relative to the CWD.
     Absolute paths and paths starting with ``$`` or ``~`` are left as written: environment
     variables are expanded where the recipe runs, not here. Paths need not exist yet.
@@ -375,6 +262,11 @@ def _resolve_paths(doc: _Doc) -> None:
         for sub, key in (("generation", "path"), ("lm_eval", "include_path")):
             if isinstance(ev.get(sub), dict) and ev[sub].get(key):
                 candidates.append((("eval", sub, key), str(ev[sub][key]).startswith(local)))
+    for key in (("model", "name_or_path"), ("model", "tokenizer")):  # a local folder written without ./
+        value = doc.get(key)
+        if isinstance(value, str) and value and not value.startswith(local) and value[0] not in "$~" \
+                and not os.path.isabs(value) and (doc.origin(key).folder / value).is_dir():
+            candidates.append((key, True))  # recorded absolute, so eval and provenance work from any folder
     for path, applies in candidates:
         value = doc.get(path)
         if applies and isinstance(value, str) and value and not os.path.isabs(value) and value[0] not in "$~":
@@ -382,19 +274,6 @@ def _resolve_paths(doc: _Doc) -> None:
 
 
 # --------------------------------------------------------------------------------- validation
-_TYPE_TEXT = {
-    "int_parsing": "expected a whole number",
-    "int_type": "expected a whole number",
-    "int_from_float": "expected a whole number",
-    "float_parsing": "expected a number",
-    "float_type": "expected a number",
-    "bool_parsing": "expected true or false",
-    "bool_type": "expected true or false",
-    "string_type": "expected text (quote it if YAML reads it as a number or boolean)",
-    "model_type": "expected a mapping of keys",
-    "dict_type": "expected a mapping of keys",
-    "list_type": "expected a list",
-}
 _EXAMPLES = {
     "name": "name: qwen05b-fr-sft",
     "task": "task: sft",
@@ -409,83 +288,12 @@ _EXAMPLES = {
 }
 
 
-def _short(value: Any) -> str:
-    text = "nothing" if value is None else repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-def _schema_loc(loc: KeyPath) -> KeyPath:
-    """Drop pydantic's union tags (``'list[str]'``, ``"literal['all-linear']"``) from an error location."""
-    for end in range(len(loc), 0, -1):
-        if _annotation_at(loc[:end]) is not None:
-            return loc[:end]
-    return ()
-
-
-def _named_key(message: str, loc: KeyPath, doc: _Doc) -> KeyPath:
-    """The first key a model validator's message names that the recipe sets, else ``loc``.
-
-    Model validators compare several keys ("method.kind: qlora with model.init: random"); pointing at
-    the first one written in the recipe gives the user a line to edit rather than a whole section.
-    """
-    for token in re.findall(r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*|\[\d+\])*", message):
-        if not re.search(r"[._\[]", token):
-            continue  # plain words ("model", "data") are prose, not key paths
-        parts = tuple(int(p) if p.isdigit() else p for p in re.split(r"[.\[\]]", token) if p)
-        for candidate in (parts, loc + parts):
-            if candidate in doc.origins:
-                return candidate
-    return loc
-
-
-def _problem(loc: KeyPath, errors: list[dict], doc: _Doc) -> Problem:
-    """Turn the pydantic errors at one location into a located, human message."""
-    kind, value = errors[0]["type"], errors[0].get("input")
-    if kind == "extra_forbidden":
-        return Problem(doc.origin(loc), _dotted(loc), _unknown_key(loc))
-    if kind == "missing":
-        key = _dotted(loc)
-        pattern = ".".join("*" if isinstance(p, int) else str(p) for p in loc)
-        info = _model_at(loc[:-1]).model_fields[str(loc[-1])]
-        hint = f"e.g. {_EXAMPLES[pattern]}" if pattern in _EXAMPLES else (info.description or "")
-        where = f"in {_dotted(loc[:-1])}" if loc[:-1] else "at the top level"
-        return Problem(doc.origin(loc[:-1]), key, f"missing required key {str(loc[-1])!r} {where}; {hint}".rstrip("; "))
-    if kind in ("value_error", "assertion_error"):
-        message = str(errors[0]["ctx"]["error"])
-        if isinstance(value, dict):  # raised by a model validator: find the key it is about
-            loc = _named_key(message, loc, doc)
-        return Problem(doc.origin(loc), _dotted(loc), message)
-    if kind in ("model_type", "dict_type") and value is None and loc:
-        parent = _model_at(loc[:-1])  # None for a list item
-        optional = parent is not None and not parent.model_fields[str(loc[-1])].is_required()
-        fix = "give it keys, or remove it to use the defaults" if optional else "give it keys"
-        return Problem(doc.origin(loc), _dotted(loc), f"is empty: {fix}")
-    if kind == "too_short":
-        return Problem(doc.origin(loc), _dotted(loc), f"needs at least {errors[0]['ctx']['min_length']} item(s)")
-    choices = [str(c) for c in _literal_choices(_annotation_at(loc))]
-    if kind == "literal_error" and len(errors) == 1:
-        text = f"invalid value {_short(value)}. Valid choices: {', '.join(choices)}"
-        close = difflib.get_close_matches(str(value).lower(), choices, n=1)
-        return Problem(doc.origin(loc), _dotted(loc), text + (f". Did you mean {close[0]!r}?" if close else ""))
-    messages = []  # several errors at one location: the alternatives of a union, e.g. a list or 'all-linear'
-    for error in errors:
-        if error["type"] == "literal_error":
-            messages.append(" or ".join(repr(c) for c in choices))
-        else:
-            messages.append(_TYPE_TEXT.get(error["type"], error["msg"][:1].lower() + error["msg"][1:]))
-    return Problem(doc.origin(loc), _dotted(loc), f"{' or '.join(dict.fromkeys(messages))}, got {_short(value)}")
-
 
 def _validate(doc: _Doc, source: str) -> Recipe:
     try:
         return Recipe.model_validate(doc.data)
     except ValidationError as e:
-        grouped: dict[KeyPath, list[dict]] = {}
-        for error in e.errors(include_url=False):
-            loc = error["loc"] if error["type"] == "extra_forbidden" else _schema_loc(error["loc"])
-            grouped.setdefault(loc, []).append(error)
-        problems = [_problem(loc, errors, doc) for loc, errors in grouped.items()]
-        raise RecipeError(problems, source) from None
+        raise RecipeError(translate(e, Recipe, Where(doc.origins), _EXAMPLES), source) from None
 
 
 # ------------------------------------------------------------------------------------ public API
@@ -517,7 +325,7 @@ def _finish(doc: _Doc, overrides: Sequence[str], world_size: Optional[int], sour
             recipe.training.gradient_accumulation(world_size)
         except ValueError as e:
             key = ("training", "global_batch_size")
-            raise RecipeError([Problem(doc.origin(key), _dotted(key), str(e))], source) from None
+            raise RecipeError([Problem(doc.origin(key), dotted(key), str(e))], source) from None
     return LoadedRecipe(recipe, doc.files, list(overrides))
 
 
@@ -533,7 +341,7 @@ def load_recipe_with_sources(
     if not file.is_file():
         what = "is a folder, not a recipe file" if file.is_dir() else "not found"
         raise RecipeError([Problem(Origin(file), "", f"recipe file {what}")])
-    return _finish(_read(file), overrides, world_size, _show(file))
+    return _finish(_read(file), overrides, world_size, show_path(file))
 
 
 def load_recipe(

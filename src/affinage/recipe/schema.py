@@ -12,6 +12,9 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from affinage.sharding import StrategyName, strategy
+from affinage.sharding import describe as describe_strategies
+
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -104,16 +107,32 @@ class MethodSpec(Strict):
 
 
 # ---------------------------------------------------------------------------------------- data
+#: record fields a source's ``columns`` may map (canonical name -> the dataset's field); data.formats reads them
+COLUMN_KEYS = ("text", "messages", "conversations", "instruction", "input", "output", "system", "tools",
+               "role", "content", "from", "value")
+
+
 class SourceSpec(Strict):
     path: str = Field(description="a .jsonl/.json file, a .parquet file, a folder of .txt files, or a datasets.save_to_disk folder")
-    format: Literal["auto", "text", "chat", "alpaca"] = "auto"
+    format: Literal["auto", "text", "chat", "alpaca", "sharegpt"] = "auto"
     weight: float = Field(1.0, description="repeat factor: 0.5 keeps half the records, 2 uses them twice")
     name: Optional[str] = None
     text_field: str = "text"
     messages_field: str = "messages"
+    columns: Optional[dict[str, str]] = Field(
+        None, description="the dataset's field names, canonical -> yours: {messages: dialogue, content: text, from: speaker, ...}"
+    )
     max_records: Optional[int] = None
     licence: Optional[str] = Field(None, description="SPDX id or free text, copied into the data manifest and model card")
     origin: Optional[str] = Field(None, description="where the data comes from (URL, repository and commit, ...)")
+
+    @field_validator("columns")
+    @classmethod
+    def _columns_known(cls, v: Optional[dict[str, str]]) -> Optional[dict[str, str]]:
+        bad = sorted(set(v or {}) - set(COLUMN_KEYS))
+        if bad:
+            raise ValueError(f"columns maps unknown field(s) {bad}; the canonical names are {', '.join(COLUMN_KEYS)}")
+        return v
 
     @field_validator("weight")
     @classmethod
@@ -200,6 +219,9 @@ class DataSpec(Strict):
     )
     num_proc: Optional[int] = Field(None, description="tokenization processes (default: the CPU cores this process may use)")
     filters: FilterSpec = Field(default_factory=FilterSpec)
+    system: Literal["keep", "merge_into_first_user", "drop"] = Field(
+        "keep", description="a conversation's system message: keep, fold into the first user turn (templates that refuse one), or drop"
+    )
     decontamination: Optional[DecontaminationSpec] = None
 
     @field_validator("num_proc")
@@ -338,9 +360,6 @@ class OutputSpec(Strict):
 
 
 # --------------------------------------------------------------------------------- distributed
-STRATEGIES = ("single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload")
-
-
 class DistributedSpec(Strict):
     """How the model is spread over the processes (GPUs): the same recipe runs on 1 GPU, one node or many.
 
@@ -349,13 +368,7 @@ class DistributedSpec(Strict):
     ``affinage.distributed``); batch sizes, accumulation, clipping, dtype and optimizer are always the recipe's.
     """
 
-    strategy: Literal["single", "ddp", "fsdp2", "zero2", "zero3", "zero3_offload"] = Field(
-        "ddp",
-        description="single: one process, refused under several; ddp: a full replica per GPU (gradients averaged); "
-        "fsdp2: PyTorch FSDP2, parameters, gradients and optimizer states sharded; zero2: DeepSpeed ZeRO-2, "
-        "gradients and optimizer states sharded; zero3: DeepSpeed ZeRO-3, everything sharded; zero3_offload: "
-        "ZeRO-3 with optimizer states and parameters in CPU RAM",
-    )
+    strategy: StrategyName = Field("ddp", description=describe_strategies())
     offload_optimizer: Optional[bool] = Field(
         None, description="optimizer states and step in CPU RAM (zero2, zero3; default true for zero3_offload)"
     )
@@ -398,7 +411,7 @@ class DistributedSpec(Strict):
 
     def offloads(self) -> tuple[bool, bool]:
         """(optimizer, parameters) offloaded to CPU RAM, with the strategy's defaults applied."""
-        default = self.strategy == "zero3_offload"
+        default = strategy(self.strategy).offload_by_default
         opt = default if self.offload_optimizer is None else self.offload_optimizer
         params = default if self.offload_params is None else self.offload_params
         if self.strategy == "fsdp2":
@@ -408,7 +421,7 @@ class DistributedSpec(Strict):
     @property
     def sharded(self) -> bool:
         """Whether the strategy needs a process group even on one process (FSDP2 and DeepSpeed)."""
-        return self.strategy in ("fsdp2", "zero2", "zero3", "zero3_offload")
+        return strategy(self.strategy).sharded
 
 
 # ---------------------------------------------------------------------------------- evaluation
@@ -422,14 +435,27 @@ class PerplexitySetSpec(Strict):
         "domain", description="domain: the text the training should improve; forgetting: general or other text that should not get much worse"
     )
     max_records: Optional[int] = Field(None, description="score only the first N records")
+    group_field: Optional[str] = Field(
+        None, description="field naming the unit records were cut from (book, source document): the bootstrap "
+        "resamples these groups, since passages of one book are not independent"
+    )
 
 
 class McqSetSpec(Strict):
-    """Multiple-choice items ``{"question", "choices": [...], "answer": index}`` scored by log-likelihood (lm-eval style)."""
+    """Multiple-choice items scored by log-likelihood (lm-eval style).
+
+    An item is ``{"question": str, "choices": [str, ...], "answer": 0}``; the answer may be an index
+    (from 0), a letter (``"B"``) or the text of the right choice, and the three field names can be
+    mapped for sets with other names (``answer_field: answer_index``).
+    """
 
     name: str
     path: str
     role: Literal["domain", "forgetting"] = "domain"
+    question_field: str = "question"
+    choices_field: str = "choices"
+    answer_field: str = Field("answer", description="field of the right answer: an index from 0, a letter A-Z, or the choice's text")
+    group_field: Optional[str] = Field(None, description="field naming the unit items come from; the bootstrap resamples these groups")
     num_fewshot: int = Field(0, ge=0, description="solved examples put before each question")
     fewshot_path: Optional[str] = Field(None, description="items the examples are drawn from (default: the same file, never the item itself)")
     template: str = Field("Question : {question}\nRéponse :", description="prompt; {question} is replaced")
@@ -566,11 +592,12 @@ class Recipe(Strict):
 
     def run_dir(self) -> str:
         """``output.dir`` with ``{name}``, ``~`` and environment variables (``$WORK``) expanded."""
-        import os
 
         from affinage.errors import UserError
 
-        path = os.path.expanduser(os.path.expandvars(self.output.dir.format(name=self.name)))
+        from affinage.paths import expand_str
+
+        path = expand_str(self.output.dir.format(name=self.name))
         if "$" in path:
             raise UserError(
                 f"output.dir {self.output.dir!r} uses an environment variable that is not set here ({path}): "

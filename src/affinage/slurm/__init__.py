@@ -1,1 +1,1 @@
-"""SLURM clusters: profiles (configs/clusters), sbatch scripts (templates in slurm/), submission, status."""
+"""SLURM clusters: profiles and the sbatch template (package data, affinage.resources), submission, status."""

@@ -1,4 +1,7 @@
-"""Cluster profiles (``configs/clusters/*.yaml``): what a cluster offers and how to ask for it.
+"""Cluster profiles: what a cluster offers and how to ask for it.
+
+Shipped profiles are package data (``affinage/resources/clusters/<name>.yaml``, ``configs/clusters/``
+in a checkout) named by ``--cluster NAME``; ``--cluster path/to/own.yaml`` reads the user's file.
 
 A profile is infrastructure a researcher may copy and edit, so it is validated as strictly as a
 recipe (unknown keys are errors, every error names the file and the key). It is trusted shell
@@ -14,6 +17,7 @@ allows or a QoS the GPU kind does not have, listing the valid choices.
 from __future__ import annotations
 
 from affinage.errors import UserError
+from affinage.recipe.problems import validate
 import os
 import re
 from dataclasses import dataclass
@@ -21,9 +25,10 @@ from pathlib import Path
 from typing import Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-CLUSTERS_DIR = Path(__file__).resolve().parents[3] / "configs" / "clusters"
+from affinage.resources import ResourceError, list_resources, resource_dir, resource_path
+
 
 # What an #SBATCH value may hold: sbatch splits these lines on blanks and honours quotes, and a
 # newline would end the comment and start a shell command. Letters, digits and a few separators.
@@ -360,33 +365,26 @@ class Allocation:
 
 # ---------------------------------------------------------------------------------- loading
 def profile_names() -> list[str]:
-    """The shipped profiles, by name (``configs/clusters/<name>.yaml``)."""
-    return sorted(p.stem for p in CLUSTERS_DIR.glob("*.yaml"))
+    """The shipped profiles, by name (``affinage/resources/clusters/<name>.yaml``)."""
+    return list_resources("clusters")
 
 
 def load_profile(name_or_path: str | os.PathLike) -> ClusterProfile:
-    """A profile by name (``configs/clusters/<name>.yaml``) or by path to a YAML file."""
+    """A shipped profile by name (``jean-zay-h100``), or the user's own YAML file by path."""
     path = Path(name_or_path)
     if path.suffix not in (".yaml", ".yml"):
-        path = CLUSTERS_DIR / f"{name_or_path}.yaml"
-        if not path.is_file():
-            raise ProfileError(f"no cluster profile {str(name_or_path)!r}. Valid choices: {', '.join(profile_names())}")
+        try:
+            path = resource_path("clusters", str(name_or_path))
+        except ResourceError:
+            raise ProfileError(f"no cluster profile {str(name_or_path)!r}. Valid choices: {', '.join(profile_names())}") from None
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, yaml.YAMLError) as e:
         raise ProfileError(f"{path}: cannot read the profile: {e}") from None
     if not isinstance(data, dict):
         raise ProfileError(f"{path}: a profile is a mapping of keys (name:, description:, ...)")
-    try:
-        profile = ClusterProfile.model_validate(data)
-    except ValidationError as e:
-        lines = []
-        for err in e.errors(include_url=False):
-            key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            message = str(err["ctx"]["error"]) if err["type"] == "value_error" else err["msg"]
-            lines.append(f"{path}: {key}: {message}")
-        raise ProfileError("\n".join(lines)) from None
-    if profile.name != path.stem and path.parent == CLUSTERS_DIR:
+    profile = validate(ClusterProfile, data, file=path, error=ProfileError)
+    if profile.name != path.stem and path.parent == resource_dir("clusters"):
         raise ProfileError(f"{path}: name: {profile.name!r} should match the file name {path.stem!r}")
     return profile
 

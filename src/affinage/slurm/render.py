@@ -1,4 +1,4 @@
-"""Turn a stage, a profile and an allocation into a readable sbatch script (Jinja2, ``slurm/``).
+"""Turn a stage, a profile and an allocation into a readable sbatch script (Jinja2, ``resources/slurm/``).
 
 Two kinds of text meet in a script, and they are kept apart on purpose:
 
@@ -20,9 +20,9 @@ from typing import Optional
 
 import jinja2
 
+from affinage.resources import resource_dir
 from affinage.slurm.profiles import Allocation, ClusterProfile, sbatch_literal
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[3] / "slurm"
 RUN_DIR_TOKEN = "{run_dir}"  # in Stage.args: the job's run directory, read in the script as "$RUN_DIR"
 
 
@@ -100,7 +100,7 @@ def sbatch_options(job: JobScript) -> list[str]:
 
 def _environment() -> jinja2.Environment:
     env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(TEMPLATES_DIR)),
+        loader=jinja2.FileSystemLoader(str(resource_dir("slurm"))),
         undefined=jinja2.StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
@@ -113,7 +113,7 @@ def _environment() -> jinja2.Environment:
 
 
 def render_job(job: JobScript, template: str = "job.sbatch.j2") -> str:
-    """The sbatch script for ``job``, from ``slurm/<template>``."""
+    """The sbatch script for ``job``, from the shipped ``resources/slurm/<template>``."""
     if len(job.labels) != len(job.run_dirs):
         raise ValueError("one label per run directory")
     return _environment().get_template(template).render(

@@ -13,13 +13,13 @@ import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from affinage.recipe.schema import Recipe
 from affinage.run import RunDir, atomic_write_json
+from affinage.hardware import use_bf16
 
 STOP_FILE = "STOP"
 
@@ -37,20 +37,6 @@ def steps_for_duration(recipe: Recipe, n_samples: int, mean_tokens: float) -> in
     if d.unit == "epochs":
         return max(1, math.ceil(d.value * n_samples / gbs))
     return max(1, math.ceil(d.value / max(1.0, mean_tokens * gbs)))
-
-
-class SampleDataset(torch.utils.data.Dataset):
-    """Tokenized samples as the dicts the Trainer's collator expects."""
-
-    def __init__(self, samples: Sequence[Any]):
-        self.samples = samples
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        s = self.samples[i]
-        return {"input_ids": list(s.input_ids), "labels": list(s.labels)}
 
 
 @dataclass
@@ -82,7 +68,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
 
     t = recipe.training
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and recipe.model.dtype in ("auto", "bfloat16") and torch.cuda.is_bf16_supported()
+    bf16 = use_bf16(recipe.model.dtype, on_gpu)
     report = [r for r in t.report_to if r != "none"] or "none"
     sched_kwargs: dict = {}
     scheduler = t.lr_scheduler

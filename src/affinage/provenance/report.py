@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from affinage.eval import plots
-from affinage.eval.runner import eval_dir, read_results
+from affinage.eval.results import eval_dir, read_results
+from affinage.provenance import plots
 
 REPORT_FILE = "report.md"
 
@@ -27,9 +27,24 @@ def _pct(x: Optional[float]) -> str:
     return "n/a" if x is None else f"{x * 100:+.1f}%"
 
 
+def _too_few(d: dict) -> str | None:
+    """The verdict when the set has too few independent units (groups, else documents/items) to tell."""
+    if not d.get("too_few"):
+        return None
+    units = f"{d['n_groups']} groups" if "n_groups" in d else f"{d['n']} units"
+    return f"too few to tell ({units})"
+
+
+def _units(e: dict, count_key: str) -> str:
+    """``557`` or ``557 in 20 groups`` (groups are what the bootstrap resamples)."""
+    return f"{e[count_key]} in {e['groups']} groups" if e.get("groups") is not None else str(e[count_key])
+
+
 def ppl_verdict(e: dict) -> str:
     d = e["delta"]["bits_per_byte"]
     lower = d["delta"] < 0
+    if _too_few(d):
+        return _too_few(d)
     if not d["excludes_zero"]:
         return "no clear change (the interval includes 0)"
     if e["role"] == "domain":
@@ -41,6 +56,8 @@ def ppl_verdict(e: dict) -> str:
 
 
 def mcq_verdict(d: dict) -> str:
+    if _too_few(d):
+        return _too_few(d)
     if not d["excludes_zero"]:
         return "not established (the interval includes 0)"
     return "**better** (real)" if d["delta"] > 0 else "**worse** (real)"
@@ -101,7 +118,7 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
                     "|---|---|---:|---:|---:|---:|---|---|"]
             for e in ppl:
                 d = e["delta"]["bits_per_byte"]["relative"]
-                out.append(f"| {e['name']} | {e['role']} | {e['documents']} | {_f(e['base']['bits_per_byte'])} | "
+                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'documents')} | {_f(e['base']['bits_per_byte'])} | "
                            f"{_f(e['tuned']['bits_per_byte'])} | {_pct(d['delta'])} | "
                            f"[{_pct(d['ci_low'])}, {_pct(d['ci_high'])}] | {ppl_verdict(e)} |")
             out.append("")
@@ -114,7 +131,7 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
         else:
             out += ["| set | role | documents | bits per byte | token perplexity |", "|---|---|---:|---:|---:|"]
             for e in ppl:
-                out.append(f"| {e['name']} | {e['role']} | {e['documents']} | {_f(e['tuned']['bits_per_byte'])} | "
+                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'documents')} | {_f(e['tuned']['bits_per_byte'])} | "
                            f"{_f(e['tuned']['token_perplexity'], 2)} |")
         out.append("")
         try:
@@ -126,20 +143,22 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
     if items:
         out.append("### Multiple choice (accuracy, higher is better)\n")
         out.append("Each choice is scored by its log-likelihood after the question (lm-eval's method). `acc` takes the "
-                   "most likely choice; `acc_norm` divides by the choice's length in characters first.\n")
+                   "most likely choice; `acc_norm` divides by the choice's length in characters first. *chance* is the "
+                   "accuracy of a random pick (1 / number of choices, averaged over items).\n")
         if has_base:
-            out += ["| set | role | items | shots | acc base → fine-tuned | change [95% interval] | verdict | acc_norm base → fine-tuned | change [95% interval] |",
-                    "|---|---|---:|---:|---|---|---|---|---|"]
+            out += ["| set | role | items | shots | chance | acc base → fine-tuned | change [95% interval] | verdict | acc_norm base → fine-tuned | change [95% interval] |",
+                    "|---|---|---:|---:|---:|---|---|---|---|---|"]
             for e in items:
                 da, dn = e["delta"]["acc"], e["delta"]["acc_norm"]
-                out.append(f"| {e['name']} | {e['role']} | {e['items']} | {e['num_fewshot']} | "
+                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
                            f"{e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | {da['delta']:+.3f} [{da['ci_low']:+.3f}, {da['ci_high']:+.3f}] | "
                            f"{mcq_verdict(da)} | {e['base']['acc_norm']:.3f} → {e['tuned']['acc_norm']:.3f} | "
                            f"{dn['delta']:+.3f} [{dn['ci_low']:+.3f}, {dn['ci_high']:+.3f}] |")
         else:
-            out += ["| set | items | shots | acc | acc_norm |", "|---|---:|---:|---:|---:|"]
+            out += ["| set | items | shots | chance | acc | acc_norm |", "|---|---:|---:|---:|---:|---:|"]
             for e in items:
-                out.append(f"| {e['name']} | {e['items']} | {e['num_fewshot']} | {e['tuned']['acc']:.3f} | {e['tuned']['acc_norm']:.3f} |")
+                out.append(f"| {e['name']} | {_units(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
+                           f"{e['tuned']['acc']:.3f} | {e['tuned']['acc_norm']:.3f} |")
         out.append("")
         try:
             png = plots.mcq_bars(items, images / "mcq.png")

@@ -1,0 +1,43 @@
+"""The results of an evaluation on disk: ``RUN_DIR/eval/results.json`` and ``details.jsonl``.
+
+Eval writes them; provenance (report, card) and the console read them, so each can be rebuilt
+from the run directory alone.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+RESULTS_FILE = "results.json"
+DETAILS_FILE = "details.jsonl"
+
+
+def eval_dir(root: Path) -> Path:
+    return Path(root) / "eval"
+
+
+def write_results(root: Path, results: dict, raw: dict, data, spec) -> Path:
+    """``eval/results.json`` (the figures) and ``eval/details.jsonl`` (one line per document, item, sample)."""
+    from affinage.provenance.secrets import write_json, write_text
+
+    out = eval_dir(root)
+    out.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for role, r in raw.items():
+        for name, scores in r["perplexity"].items():
+            for i, sc in enumerate(scores):
+                lines.append({"model": role, "kind": "perplexity", "set": name, "index": i, **sc.as_dict()})
+        for name, per_item in r["mcq"].items():
+            for i, row in enumerate(per_item):
+                lines.append({"model": role, "kind": "mcq", "set": name, "index": i, **row})
+        for i, text in enumerate(r["generation"] or []):
+            lines.append({"model": role, "kind": "generation", "index": i, "prompt": data.prompts[i], "output": text})
+    write_text(out / DETAILS_FILE, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+    return write_json(out / RESULTS_FILE, {k: v for k, v in results.items() if not k.startswith("_")})
+
+
+def read_results(root: Path) -> Optional[dict]:
+    p = eval_dir(root) / RESULTS_FILE
+    return json.loads(p.read_text(encoding="utf-8")) if p.is_file() else None
