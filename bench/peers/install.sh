@@ -8,7 +8,10 @@
 # (version) or FAILED with pip's last error line. bench_sft.py reads the same folders (--peers DEST).
 set -u
 DEST="${1:-${AFFINAGE_PEERS:-$HOME/.cache/affinage/peers}}"
-PY="${PYTHON:-python3.11}"
+declare -A PY=(  # axolotl ≥ 0.20 requires Python ≥ 3.12
+  [llamafactory]="${PYTHON:-python3.11}"
+  [axolotl]="${PYTHON312:-$( (command -v pyenv >/dev/null && PYENV_VERSION=3.12.1 pyenv which python3.12) 2>/dev/null || echo python3.12)}"
+)
 TORCH="${TORCH_PIN:-torch==2.13.0}"
 mkdir -p "$DEST"
 declare -A PKG=(
@@ -18,10 +21,13 @@ declare -A PKG=(
 for peer in llamafactory axolotl; do
   venv="$DEST/$peer"; log="$DEST/$peer.log"
   : >"$log"
-  if [ ! -x "$venv/bin/python" ]; then "$PY" -m venv "$venv" >>"$log" 2>&1; fi
+  if [ ! -x "$venv/bin/python" ]; then "${PY[$peer]}" -m venv "$venv" >>"$log" 2>&1; fi
   echo "$TORCH" >"$DEST/$peer.constraints"
   if "$venv/bin/pip" install -q "$TORCH" >>"$log" 2>&1 \
      && "$venv/bin/pip" install -q -c "$DEST/$peer.constraints" "${PKG[$peer]}" >>"$log" 2>&1; then
+    # pip pulls torchvision/torchaudio wheels built for another torch (llamafactory: "operator torchvision::nms
+    # does not exist" at import); text fine-tuning needs neither
+    "$venv/bin/pip" uninstall -y -q torchvision torchaudio >>"$log" 2>&1
     ver=$("$venv/bin/pip" show "${PKG[$peer]%%==*}" 2>/dev/null | awk '/^Version:/{print $2}')
     echo "$peer: installed $ver ($venv)"
   else

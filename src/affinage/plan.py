@@ -113,9 +113,10 @@ def throughput(flops_per_token: float, gpu: str | None, world_size: int = 1, ass
 
 def _packed_rows(recipe: Recipe, records: int) -> tuple[int, str]:
     """Training rows (what the Trainer steps over): from the prepared cache when it exists, else estimated."""
-    from affinage.data.cache import FileHasher, cache_root
+    from affinage.errors import UserError
+    from affinage.data.cache import cache_root, key_of
     from affinage.data.prepare import cache_key_inputs
-    from affinage.data.cache import key_of
+    from affinage.hashing import FileHasher
 
     try:
         root = cache_root(recipe.data)
@@ -124,7 +125,7 @@ def _packed_rows(recipe: Recipe, records: int) -> tuple[int, str]:
             from affinage.data.cache import PreparedCache
 
             return len(PreparedCache.open(folder).train), f"packed rows of the prepared cache {folder.name[:12]}"
-    except Exception:  # no tokenizer folder, unreadable cache: estimate below
+    except (UserError, OSError, ValueError):  # no tokenizer folder, unreadable cache: estimate below
         pass
     if recipe.data.packing == "none" and recipe.task == "sft":
         return records, "one sample per row (packing none)"
@@ -140,6 +141,8 @@ def _packed_rows(recipe: Recipe, records: int) -> tuple[int, str]:
 
 def _sample_tokens_per_record(recipe: Recipe, n: int = 64) -> float | None:
     """Mean tokens of the first ``n`` records' text (all string values), with the recipe's tokenizer."""
+    from affinage.errors import UserError
+
     try:
         from affinage.data.readers import read_source
         from affinage.model.load import load_tokenizer
@@ -154,7 +157,7 @@ def _sample_tokens_per_record(recipe: Recipe, n: int = 64) -> float | None:
         if not texts:
             return None
         return sum(len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]) / len(texts)
-    except Exception:
+    except (UserError, OSError, ValueError):  # no tokenizer or unreadable source: plan says so
         return None
 
 
