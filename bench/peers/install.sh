@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
 # Install the peer fine-tuning tools that bench/bench_sft.py compares against, each in its own venv,
-# with torch pinned to the project's CPU build (without the pin pip pulls ~5.5 GB of CUDA wheels).
+# with torch pinned to 2.13.0, the project's version (`pip install torch==2.13.0` first: on Python 3.11 pip
+# takes this machine's CPU wheel from /opt/wheels; on 3.12 none is there and PyPI's 2.13.0 comes with its
+# CUDA libraries, a 6.9 GB venv, still running on CPU).
+# Measured 2026-12-01: llamafactory 0.9.5 installs in ~1 min; axolotl 0.21.0 needs Python >= 3.12 and
+# took 15.5 min (CUDA wheels). torchvision/torchaudio pulled by LLaMA-Factory do not match torch 2.13
+# and are removed; its unconditional `import torchaudio` gets bench/peers/stubs on PYTHONPATH.
 #
 #   bench/peers/install.sh [DEST]      # default DEST: ~/.cache/affinage/peers
 #
