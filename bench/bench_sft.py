@@ -487,8 +487,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores of this process)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--json")
+    p.add_argument("--render", help="print the markdown tables of a --json file and exit")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if a.render:
+        print(render(json.loads(Path(a.render).read_text())))
+        return 0
     if a.worker:
         print(json.dumps(worker(json.loads(a.worker)), default=str), flush=True)
         return 0
@@ -573,6 +577,27 @@ def report(tname: str, runs: dict) -> dict:
             print(f"  affinage / {s:<22} ×{st['median']:.2f} (min {st['min']:.2f}, max {st['max']:.2f}, "
                   f"{st['n']} repeats; {key.replace('_', ' ')})")
     return table
+
+
+def render(results: dict) -> str:
+    """Markdown tables (min / median / max) of a --json file: what the README and the note quote."""
+    f = lambda d, fmt="{:.2f}": "–" if not d else f"{fmt.format(d['median'])} ({fmt.format(d['min'])}–{fmt.format(d['max'])})"  # noqa: E731
+    lines = [f"Model: {results['model']}", ""]
+    for tname, table in results["tasks"].items():
+        lines += [f"**{tname}**", "", "| set-up | samples/s warm | samples/s whole run | loss tok/s warm | padding | peak RSS GB "
+                  "| final loss | load 1-min | affinage ÷ row |", "|---|---|---|---|---|---|---|---|---|"]
+        for s, row in table.items():
+            if "stats" not in row:
+                lines.append(f"| {s} | did not run: {row.get('error')} |||||||| ")
+                continue
+            st = row["stats"]
+            pad = "–" if not st["padding_fraction"] else f"{st['padding_fraction']['median']:.1%}"
+            r = row.get("affinage_ratio")
+            lines.append(f"| {s} | {f(st['samples_per_s'])} | {f(st.get('whole_samples_per_s'))} | {f(st['loss_tokens_per_s'], '{:.0f}')} "
+                         f"| {pad} | {f(st['peak_rss_gb'])} | {f(st['final_loss'], '{:.3f}')} | {f(st['load'], '{:.1f}')} "
+                         f"| {'–' if not r else f(r) + (' (whole run)' if r['on'].startswith('whole') else '')} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
