@@ -231,7 +231,7 @@ def run_affinage(task: str, cache, tok, cfg, state, a) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.train.attention import use_varlen_attention
     from affinage.train.loss import AffinageTrainer
 

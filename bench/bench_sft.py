@@ -272,7 +272,7 @@ def _worker_trl(spec, tok, attn, best: bool) -> dict:
 def _worker_affinage(spec, tok, attn) -> dict:
     from transformers import TrainingArguments
 
-    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.data.prepare import prepare
     from affinage.recipe.schema import LossSpec, Recipe
     from affinage.train.attention import use_varlen_attention

@@ -143,7 +143,7 @@ def train_case(name: str, folder: Path, method: str, kernels: bool, rows: list[d
     from transformers import TrainingArguments
 
     import bench_packing as bp
-    from affinage.data.batches import PackedCollator
+    from affinage.data.collator import PackedCollator
     from affinage.model.load import load_model
     from affinage.plan import make_plan, mfu, training_flops_per_token
     from affinage.train.attention import use_varlen_attention
@@ -203,7 +203,7 @@ def packed_vs_unpacked(folder: Path, a, data_file: Path) -> dict:
     import torch
     import torch.nn.functional as F
 
-    from affinage.data.batches import PackedCollator
+    from affinage.data.collator import PackedCollator
     from affinage.model.load import load_model
     from affinage.train.attention import use_varlen_attention
 

@@ -65,7 +65,8 @@ def format_summary(result) -> str:
 def cmd_train(args) -> int:
     from affinage.recipe.loader import write_resolved
     from affinage.run import RunDir
-    from affinage.train.trainer import train, world_size_from_env
+    from affinage.train.tasks import train
+    from affinage.train.trainer import world_size_from_env
 
     from affinage.recipe.loader import load_recipe_with_sources
 
@@ -151,7 +152,8 @@ def cmd_smoke(args) -> int:
 
 
 def cmd_prepare(args) -> int:
-    from affinage.data.prepare import format_prepare_summary, prepare
+    from affinage.data.console import format_prepare_summary
+    from affinage.data.prepare import prepare
     from affinage.run import RunDir, atomic_write_json
 
     recipe = _load(args)

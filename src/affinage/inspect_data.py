@@ -74,12 +74,54 @@ def format_sample(s: InspectedSample, colour: bool) -> str:
     return head + "\n" + body
 
 
+def iter_pairs(cache, tokenizer, split: str = "train") -> Iterator[dict]:
+    """dpo/kto caches: each example's prompt (no loss) followed by each completion (loss), decoded."""
+    from affinage.data.templates import loss_segments
+
+    part = cache.train if split == "train" else cache.heldout
+    if part is None:
+        raise UserError(f"the prepared data has no {split} split (set data.heldout_fraction to keep one)")
+    for i in range(len(part)):
+        ex = part[i]
+        p = ex["prompt_ids"]
+        item = {"example": i, "prompt_tokens": len(p)}
+        for key in ("chosen", "rejected", "completion"):
+            if f"{key}_ids" in ex:
+                c = ex[f"{key}_ids"]
+                item[key] = {"tokens": len(c), "segments": loss_segments(tokenizer, p + c, [False] * len(p) + [True] * len(c))}
+        if "label" in ex:
+            item["label"] = ex["label"]
+        yield item
+
+
+def format_pair(item: dict, colour: bool) -> str:
+    parts = [f"── example {item['example']} · prompt {item['prompt_tokens']} tokens"
+             + (f" · label {'desirable' if item['label'] else 'undesirable'}" if "label" in item else "")]
+    for key in ("chosen", "rejected", "completion"):
+        if key in item:
+            body = "".join((LOSS_ON + g["text"] + LOSS_OFF if colour else "[[" + g["text"] + "]]") if g["loss"] else g["text"]
+                           for g in item[key]["segments"])
+            parts.append(f"·· {key} ({item[key]['tokens']} tokens with loss)\n{body}")
+    return "\n".join(parts)
+
+
 def run_inspect(recipe, samples: int = 3, as_json: bool = False, split: str = "train", out=None, colour: Optional[bool] = None) -> int:
     """Print ``samples`` samples of the recipe's prepared data (building the cache if needed)."""
     from affinage.data.prepare import prepare
 
     out = out or sys.stdout
     tokenizer = _tokenizer(recipe)
+    if recipe.task in ("dpo", "kto"):  # pairs: the prompt never carries loss, each completion does
+        cache = prepare(recipe, tokenizer, progress=False)
+        colour = (hasattr(out, "isatty") and out.isatty()) if colour is None else colour
+        for n, item in zip(range(samples), iter_pairs(cache, tokenizer, split)):
+            out.write((json.dumps(item, ensure_ascii=False) if as_json else format_pair(item, colour) + "\n") + "\n")
+        if not as_json:
+            t = cache.stats["totals"][split]
+            out.write(f"── {cache.path} ({'hit' if cache.hit else 'built'}) · {split}: {t.get('samples', 0)} examples, "
+                      f"{t.get('tokens', 0):,} tokens, {t.get('prompt_truncated', 0)} prompts and "
+                      f"{t.get('completion_truncated', 0)} completions truncated\n")
+        return 0
     if recipe.task == "sft":
         from affinage.data.templates import resolve_chat_template
 

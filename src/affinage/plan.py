@@ -115,7 +115,7 @@ def _packed_rows(recipe: Recipe, records: int) -> tuple[int, str]:
     """Training rows (what the Trainer steps over): from the prepared cache when it exists, else estimated."""
     from affinage.errors import UserError
     from affinage.data.cache import cache_root, key_of
-    from affinage.data.prepare import cache_key_inputs
+    from affinage.data.cache_key import cache_key_inputs
     from affinage.hashing import FileHasher
 
     try:
@@ -255,6 +255,8 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         gradient_checkpointing=t.gradient_checkpointing,
         world_size=world_size,
         params_layer=_layer_params(model, layers),
+        sequences_per_sample=2 if recipe.task == "dpo" else 1,  # chosen + rejected in one forward
+        reference_copy=recipe.preference is not None and recipe.preference.resolved_reference(recipe.method.kind) == "frozen_copy",
     )
     from affinage.sharding import STRATEGIES
     from affinage.recipe.schema import DistributedSpec
@@ -337,8 +339,11 @@ def format_plan(plan: Plan) -> str:
         + (f"{plan.steps:,} optimizer steps ({plan.steps_note})" if plan.steps else plan.steps_note),
         f"peak memory     ≈ {human_bytes(m.total)} per GPU with {r.distributed.strategy} (weights {human_bytes(m.weights)}, grads "
         f"{human_bytes(m.gradients)}, optimizer {human_bytes(m.optimizer)}, activations "
-        f"{human_bytes(m.activations)}, logits {human_bytes(m.logits)})"
+        f"{human_bytes(m.activations)}, logits {human_bytes(m.logits)}"
+        + (f", frozen reference model {human_bytes(m.reference)}" if m.reference else "") + ")"
         + (f"; {human_bytes(m.cpu_offloaded)} offloaded to CPU RAM per process" if m.cpu_offloaded else ""),
+        *([f"reference       {r.preference.resolved_reference(r.method.kind)} (dpo/kto: chosen and rejected share each "
+           f"micro-batch, counted in activations)"] if r.preference is not None else []),
         f"activations     {human_bytes(m.activations_full)} without, {human_bytes(m.activations_checkpointed)} with "
         f"gradient checkpointing (now {'on' if r.training.gradient_checkpointing else 'off'}), per micro-batch of "
         f"{r.training.micro_batch_size} × {r.data.max_length} tokens",

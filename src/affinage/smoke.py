@@ -60,6 +60,10 @@ def smoke_recipe(recipe: Recipe, model_folder: Path, steps: int, run_dir: str) -
         src["max_records"] = min(src.get("max_records") or 64, 64)
         src["weight"] = 1.0
     d["data"]["cache_dir"] = str(Path(run_dir) / "cache")  # a throw-away run keeps its prepared data to itself
+    if d.get("preference") and d["preference"].get("from_run"):  # the tiny model is the start: no SFT run to merge
+        d["preference"].update(from_run=None, start="merged")
+        if d["preference"].get("max_prompt_length") and d["preference"]["max_prompt_length"] >= d["data"]["max_length"]:
+            d["preference"]["max_prompt_length"] = None
     d["output"]["dir"] = run_dir
     return Recipe.model_validate(d)
 
@@ -67,7 +71,7 @@ def smoke_recipe(recipe: Recipe, model_folder: Path, steps: int, run_dir: str) -
 def run_smoke(recipe: Recipe, steps: int = 4, run_dir: str | None = None):
     from affinage.recipe.loader import write_resolved
     from affinage.run import RunDir
-    from affinage.train.trainer import train
+    from affinage.train.tasks import train
 
     run = RunDir.create(run_dir or recipe.run_dir().rstrip("/") + "-smoke")
     model_folder = build_smoke_model(recipe, run.root / "tiny-model")

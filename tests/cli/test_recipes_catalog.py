@@ -12,8 +12,9 @@ from affinage.recipes_catalog import CatalogError, catalog, copy_recipe, find_re
 
 SHIPPED = {
     "demo/full/cpt": ("cpt", "full"), "demo/full/base-general": ("cpt", "full"), "demo/full/adapt-droit": ("cpt", "full"),
-    "demo/lora/sft-qa": ("sft", "lora"), "lucie-7b/lora/sft-piaf": ("sft", "lora"),
+    "demo/lora/sft-qa": ("sft", "lora"), "demo/dpo/dpo-register": ("dpo", "lora"), "lucie-7b/lora/sft-piaf": ("sft", "lora"),
     "mistral-7b/qlora/cpt-legal": ("cpt", "qlora"), "qwen2.5-7b/lora/sft-piaf": ("sft", "lora"),
+    "smollm2-135m/lora/cpt-legal": ("cpt", "lora"), "smollm2-135m/lora/sft-chat": ("sft", "lora"),
 }
 
 
@@ -31,7 +32,7 @@ def test_catalog_lists_every_shipped_recipe_and_nothing_else():
 def test_find_recipe_by_key_file_name_or_recipe_name():
     path = recipes_root() / "demo" / "full" / "cpt.yaml"
     assert find_recipe("demo/full/cpt") == find_recipe("demo/full/cpt.yaml") == find_recipe("demo-cpt") == path
-    with pytest.raises(CatalogError, match=r"no shipped recipe 'demo/cpt'. Valid choices: demo/full/adapt-droit, .*demo/full/cpt"):
+    with pytest.raises(CatalogError, match=r"no shipped recipe 'demo/cpt'. Valid choices: demo/dpo/dpo-register, demo/full/adapt-droit, .*demo/full/cpt"):
         find_recipe("demo/cpt")
 
 
@@ -95,7 +96,7 @@ def test_cli_list_and_copy(tmp_path, capsys, monkeypatch):
     assert main(["recipes", "list"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["RECIPE", "TASK", "METHOD", "MODEL", "DESCRIPTION"]
-    assert lines[1].split()[:3] == ["demo/full/adapt-droit", "cpt", "full"]
+    assert lines[1].split()[:3] == ["demo/dpo/dpo-register", "dpo", "lora"]
     monkeypatch.chdir(tmp_path)
     assert main(["recipes", "copy", "demo/lora/sft-qa", "recipes"]) == 0
     out = capsys.readouterr().out

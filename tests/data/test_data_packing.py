@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from affinage.data.batches import PackedCollator
+from affinage.data.collator import PackedCollator
 from affinage.data.packing import best_fit_decreasing, layout_bfd, layout_concat, padding_fraction
 
 

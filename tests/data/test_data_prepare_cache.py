@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 
 from affinage.data.cache import PreparedCache, key_of
-from affinage.data.dataset import build_datasets
-from affinage.data.prepare import cache_key_inputs, prepare
+from affinage.data.cache_key import cache_key_inputs
+from affinage.data.prepare import prepare
 from data_helpers import make_recipe, write_jsonl
+from data_oracle import build_datasets
 
 
 def chat(tag: str, n: int, extra: str = ""):
@@ -99,8 +100,8 @@ def test_hit_is_fast_and_a_changed_input_rebuilds(tmp_path, trained_tokenizer):
 
 
 @pytest.mark.parametrize("packing", ["bfd", "none"])
-def test_cache_rows_hold_exactly_the_samples_of_build_datasets(tmp_path, trained_tokenizer, packing):
-    """Same split, same weights: every sample appears in the rows as often as build_datasets uses it."""
+def test_cache_rows_hold_exactly_the_samples_of_the_oracle(tmp_path, trained_tokenizer, packing):
+    """Same split, same weights: every sample appears in the rows as often as the in-memory oracle uses it."""
     write_jsonl(tmp_path / "a.jsonl", chat("a", 20))
     write_jsonl(tmp_path / "b.jsonl", chat("b", 12, extra=" Réponds en une phrase."))
     sources = [{"path": str(tmp_path / "a.jsonl"), "name": "a", "weight": 1.5}, {"path": str(tmp_path / "b.jsonl"), "name": "b"}]

@@ -1,9 +1,7 @@
-"""Named templates (chatml, llama3, mistral), custom templates and CPT tokenization on a tokenizer
+"""Named templates (chatml, llama3, mistral) and custom templates on a tokenizer
 trained in the test (on ../shared legal text when present, else on a few lines written here)."""
 
 from __future__ import annotations
-
-import warnings
 
 import pytest
 
@@ -16,7 +14,6 @@ from affinage.data.templates import (
     render_loss_mask,
     resolve_chat_template,
     tokenize_chat,
-    tokenize_text,
 )
 
 SYSTEM = "Réponds en français, brièvement."
@@ -120,28 +117,6 @@ def test_truncation_inside_the_reply_keeps_partial_labels(trained_tokenizer):
     assert cut.truncated and cut.num_loss_tokens == 2
     none_left = tokenize_chat(trained_tokenizer, CONV[1:3], first, chat_template=NAMED_TEMPLATES["chatml"])
     assert none_left.num_loss_tokens == 0
-
-
-def test_tokenize_text_adds_bos_eos_and_chunks(trained_tokenizer):
-    text = "Le tribunal a rendu sa décision après une longue délibération. " * 6
-    ids = trained_tokenizer(text, add_special_tokens=False)["input_ids"]
-    samples = tokenize_text(trained_tokenizer, text, max_length=16)
-    flat = [t for s in samples for t in s.input_ids]
-    assert flat == [trained_tokenizer.bos_token_id] + ids + [trained_tokenizer.eos_token_id]
-    assert all(len(s.input_ids) <= 16 for s in samples)
-    assert all(all(s.loss_mask) for s in samples)
-    assert len(samples) == -(-len(flat) // 16)
-    one = tokenize_text(trained_tokenizer, "Rennes.", max_length=64)
-    assert len(one) == 1 and not one[0].truncated
-
-
-def test_tokenize_text_without_bos(trained_tokenizer):
-    trained_tokenizer.bos_token = None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        samples = tokenize_text(trained_tokenizer, "Rennes est une ville.", max_length=64)
-    assert samples[0].input_ids[0] != trained_tokenizer.convert_tokens_to_ids("<s>")
-    assert samples[0].input_ids[-1] == trained_tokenizer.eos_token_id
 
 
 def test_mask_rule_overlap_and_special_tokens_only_when_inside():

@@ -63,7 +63,8 @@ def main() -> None:
     from affinage.distributed.process import finish_distributed
     from affinage.recipe.loader import load_recipe
     from affinage.run import RunDir
-    from affinage.train.trainer import STOP_FILE, train, world_size_from_env
+    from affinage.train.tasks import train
+    from affinage.train.trainer import STOP_FILE, world_size_from_env
 
     results: dict = {}
     for name, folder in (("ref", a.ref), ("cut", a.cut)):

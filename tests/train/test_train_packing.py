@@ -14,8 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from affinage.data.batches import PackedCollator, PackedDataset
-from affinage.data.collate import LossMaskCollator
+from affinage.data.collator import PackedCollator, PackedDataset
 from affinage.data.prepare import prepare
 from affinage.recipe.schema import Recipe
 from affinage.train.attention import use_varlen_attention
@@ -130,7 +129,7 @@ def test_selective_loss_equals_the_models_own_loss(model_and_cache):
 
 def test_packed_and_unpacked_training_reach_the_same_weights(model_and_cache, tmp_path):
     """Two optimizer steps over the same samples: AffinageTrainer on packed rows vs HF Trainer on padded samples."""
-    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     model, cache, tok = model_and_cache
     split = cache.train
@@ -153,7 +152,7 @@ def test_packed_and_unpacked_training_reach_the_same_weights(model_and_cache, tm
     bs = max(d for d in (1, 2, 3, 4) if n % d == 0)
     ref_model = fresh()
     t_ref = Trainer(model=ref_model, args=args(tmp_path / "u", bs, n // bs), train_dataset=samples,
-                    data_collator=LossMaskCollator(tok, task="sft"))
+                    data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100))
     t_ref.train()
 
     # packed: every row in each step (1 row per micro-batch, padding-free, varlen attention)

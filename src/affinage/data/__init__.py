@@ -1,8 +1,11 @@
-"""Data preparation: sources → canonical records → chat template + loss mask → token ids.
+"""Data preparation: sources → canonical records → chat template + loss mask → token ids → cached rows.
 
-Modules: ``readers`` (files to located records), ``formats`` (text/chat/alpaca to one canonical
-shape), ``templates`` (assistant spans and tokenization), ``dataset`` (mixtures, held-out split,
-statistics), ``collate`` (padding and loss-mask checks; imports torch). ``errors`` holds
+The path, one way: ``readers`` (files to located records) → ``formats`` (text/chat/alpaca/... to one
+canonical shape) → ``spool`` (filters from ``filters``, ``decontam``; kept records to a temporary
+file) → ``mixture`` (held-out split, weights) → ``tokenize`` (the worker pool; chat spans and the
+loss mask from ``templates``) → ``rows`` (sample store, ``packing`` layouts, the split arrays) →
+``cache`` (the folder, keyed by ``cache_key``) → ``collator`` (rows to Trainer batches; labels are
+built there, once). ``prepare`` orchestrates; ``stats`` and ``console`` report. ``errors`` holds
 ``DataError``, the one exception type for data problems.
 """
 

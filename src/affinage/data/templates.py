@@ -12,15 +12,14 @@ only when the span holds all of it, so a role header never does.
 
 from __future__ import annotations
 
-import bisect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from affinage.data.errors import DataError
+import numpy as np
 
-IGNORE_INDEX = -100
+from affinage.data.errors import DataError
 
 # Standard public formats, for base models that ship without a template. Each renders the
 # generation prompt exactly as the start of the assistant turn, so prefixes line up.
@@ -274,8 +273,12 @@ class ChatRendering:
     turns: list[int]  # message index of each span
 
 
-def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None) -> ChatRendering:
+def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None,
+                headers: Optional[set[str]] = None) -> ChatRendering:
     """Render ``messages`` and find the loss-bearing span of each assistant turn.
+
+    ``headers``: ``header_tokens`` of this tokenizer and template when the caller already has them
+    (a batch of conversations computes them once instead of once per conversation).
 
     The span of assistant turn k is, in the rendered text ``T``:
 
@@ -321,7 +324,8 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
     prompt_last = render(msgs[:last], True, last - 1)
     stitched = not full.startswith(prompt_last)
     marks = end_markers(tokenizer)
-    headers = header_tokens(tokenizer, chat_template, marks)
+    if headers is None:
+        headers = header_tokens(tokenizer, chat_template, marks)
 
     def reply_region(base_msgs, gen, k, text):
         marked_msgs = list(base_msgs)
@@ -480,40 +484,55 @@ def check_template_support(tokenizer, messages: Sequence[dict], chat_template: O
 
 
 # ------------------------------------------------------------------------------ tokenization
-def mask_from_spans(offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans: Sequence[tuple[int, int]], special_ids: set) -> list[bool]:
-    """True for tokens that overlap a span; a special token only if it lies wholly inside one.
+def mask_array_from_spans(offsets: np.ndarray, ids: np.ndarray, spans: Sequence[tuple[int, int]], special_ids) -> np.ndarray:
+    """True for tokens that overlap a span; a special token only if it lies wholly inside one (numpy).
 
-    A token that straddles a span's start (a merged BPE piece such as ``"\\n "``) carries loss: it
-    holds the start of the reply. A special token never does unless the span holds all of it, so a
-    role header is never trained on whatever whitespace the reply begins with.
+    ``offsets``: int [tokens, 2] character offsets; ``ids``: the token ids; ``spans``: sorted character
+    spans; ``special_ids``: ids of special tokens (a set or an int array). A token that straddles a
+    span's start (a merged BPE piece such as ``"\\n "``) carries loss: it holds the start of the reply.
+    A special token never does unless the span holds all of it, so a role header is never trained
+    on whatever whitespace the reply begins with. A zero-width token counts by its position.
     """
-    starts = [a for a, _ in spans]
-    mask = []
-    for (s, e), t in zip(offsets, ids):
-        j = bisect.bisect_right(starts, s) - 1
-        if e <= s:  # zero-width token: by its position
-            mask.append(j >= 0 and s < spans[j][1])
-            continue
-        hit = None
-        if j >= 0 and s < spans[j][1]:
-            hit = spans[j]
-        elif j + 1 < len(spans) and spans[j + 1][0] < e:
-            hit = spans[j + 1]
-        if hit is None:
-            mask.append(False)
-        elif t in special_ids:
-            mask.append(hit[0] <= s and e <= hit[1])
-        else:
-            mask.append(True)
-    return mask
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    sp = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    if not len(sp) or not len(offsets):
+        return np.zeros(len(offsets), dtype=bool)
+    s, e = offsets[:, 0], offsets[:, 1]
+    j = np.searchsorted(sp[:, 0], s, side="right") - 1
+    jc, nxt = np.maximum(j, 0), np.minimum(j + 1, len(sp) - 1)
+    in_j = (j >= 0) & (s < sp[jc, 1])
+    zero_width = e <= s
+    in_next = ~in_j & (j + 1 < len(sp)) & (sp[nxt, 0] < e)
+    lo, hi = np.where(in_j, sp[jc, 0], sp[nxt, 0]), np.where(in_j, sp[jc, 1], sp[nxt, 1])
+    special = np.isin(np.asarray(ids), np.fromiter(special_ids, dtype=np.int64) if isinstance(special_ids, (set, frozenset)) else special_ids)
+    overlap = (in_j | in_next) & (~special | ((lo <= s) & (e <= hi)))
+    return np.where(zero_width, in_j, overlap)
 
 
-def _special_ids(tokenizer) -> set:
+def mask_from_spans(offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans: Sequence[tuple[int, int]], special_ids: set) -> list[bool]:
+    """``mask_array_from_spans`` as a list of bools."""
+    return mask_array_from_spans(np.asarray(offsets, dtype=np.int64), np.asarray(ids, dtype=np.int64), spans, special_ids).tolist()
+
+
+def special_token_ids(tokenizer) -> set:
     ids = set(getattr(tokenizer, "all_special_ids", []) or [])
     for i, tok in getattr(tokenizer, "added_tokens_decoder", {}).items():
         if getattr(tok, "special", False):
             ids.add(int(i))
     return ids
+
+
+def chat_for_training(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None,
+                      system: str = "keep", headers: Optional[set[str]] = None) -> ChatRendering:
+    """The conversation as trained on: system policy, ``render_chat``, then ``check_template_support``.
+
+    What ``tokenize_chat`` tokenizes; ``affinage.data.tokenize`` does the same for a batch of them
+    (passing ``headers``, see ``render_chat``).
+    """
+    messages = apply_system_policy(messages, system)
+    r = render_chat(tokenizer, messages, chat_template, tools, headers)
+    check_template_support(tokenizer, messages[: r.turns[-1] + 1], chat_template, tools, r.text)
+    return r
 
 
 def tokenize_chat(
@@ -526,30 +545,12 @@ def tokenize_chat(
     """
     if not getattr(tokenizer, "is_fast", False):
         raise DataError(f"{type(tokenizer).__name__} is a slow tokenizer: loss masking needs offsets from a fast tokenizer (tokenizer.json)")
-    messages = apply_system_policy(messages, system)
-    r = render_chat(tokenizer, messages, chat_template, tools)
-    check_template_support(tokenizer, messages[: r.turns[-1] + 1], chat_template, tools, r.text)
+    r = chat_for_training(tokenizer, messages, chat_template, tools, system)
     enc = tokenizer(r.text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
-    mask = mask_from_spans(enc["offset_mapping"], ids, r.spans, _special_ids(tokenizer))
+    mask = mask_from_spans(enc["offset_mapping"], ids, r.spans, special_token_ids(tokenizer))
     truncated = len(ids) > max_length
     return TokenizedSample(ids[:max_length], mask[:max_length], truncated)
-
-
-def tokenize_text(tokenizer, text: str, max_length: int) -> list[TokenizedSample]:
-    """CPT samples of one document: [BOS] + tokens + [EOS], cut into chunks of ``max_length``.
-
-    Documents are never concatenated here (packing is a separate step). Splitting loses nothing,
-    so chunks are not marked ``truncated``. A final chunk of a single token is dropped: it has no
-    next token to predict.
-    """
-    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if tokenizer.bos_token_id is not None:
-        ids = [tokenizer.bos_token_id] + ids
-    if tokenizer.eos_token_id is not None:
-        ids = ids + [tokenizer.eos_token_id]
-    chunks = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
-    return [TokenizedSample(c, [True] * len(c)) for c in chunks if len(c) > 1]
 
 
 # ---------------------------------------------------------------------------------- viewing

@@ -68,10 +68,12 @@ class MemoryEstimate:
     cpu_optimizer: int = 0
     activations_checkpointed: int = 0  # the activation term with gradient checkpointing
     activations_full: int = 0  # ... and without
+    reference: int = 0  # preference training with reference: frozen_copy: the second, frozen model's weights
+
 
     @property
     def total(self) -> int:
-        return self.weights + self.gradients + self.optimizer + self.activations + self.logits
+        return self.weights + self.gradients + self.optimizer + self.activations + self.logits + self.reference
 
     @property
     def cpu_offloaded(self) -> int:
@@ -111,10 +113,14 @@ def estimate_memory(
     offload_optimizer: bool = False,
     offload_params: bool = False,
     params_layer: Optional[int] = None,
+    sequences_per_sample: int = 1,
+    reference_copy: bool = False,
 ) -> MemoryEstimate:
     """Bytes per GPU for one process of ``world_size`` running ``strategy`` (see the module doc).
 
     ``params_layer``: parameters of one decoder layer (default: the non-embedding parameters / layers).
+    Preference training: ``sequences_per_sample`` = 2 (DPO runs chosen and rejected in one batch),
+    ``reference_copy``: a frozen second model (sharded like the policy's weights, no gradients or states).
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"unknown strategy {strategy!r}; one of {', '.join(STRATEGIES)}")
@@ -177,15 +183,16 @@ def estimate_memory(
     else:
         optimizer_bytes = states // n
 
-    tokens = micro_batch * seq_len
+    tokens = micro_batch * seq_len * sequences_per_sample
     act_ckpt = tokens * hidden * b * layers + tokens * (10 * hidden + 5 * intermediate) * b
     act_full = tokens * (10 * hidden + 5 * intermediate) * b * layers
     activations = act_ckpt if gradient_checkpointing else act_full
     logits = tokens * vocab * 4 * 2
+    reference = weights if reference_copy else 0  # laid out like the policy's weights on the GPU
     return MemoryEstimate(
         weights, gradients, optimizer_bytes, activations, logits,
         strategy=strategy, world_size=n, working_set=working, cpu_weights=cpu_w, cpu_gradients=cpu_g, cpu_optimizer=cpu_o,
-        activations_checkpointed=act_ckpt, activations_full=act_full,
+        activations_checkpointed=act_ckpt, activations_full=act_full, reference=reference,
     )
 
 

@@ -47,5 +47,9 @@ def format_results(results: dict) -> str:
     if root:
         lines.append(f"{'report':<20} {Path(root) / 'report.md'}")
         lines.append(f"{'results':<20} {eval_dir(Path(root)) / RESULTS_FILE}")
+    if results.get("preference"):
+        from affinage.eval.preference import format_line
+
+        lines.append(format_line(results["preference"]))
     lines.append(f"{'time':<20} {results.get('seconds', 0):.0f} s")
     return "\n".join(lines)

@@ -32,6 +32,8 @@ def write_results(root: Path, results: dict, raw: dict, data, spec) -> Path:
         for name, per_item in r["mcq"].items():
             for i, row in enumerate(per_item):
                 lines.append({"model": role, "kind": "mcq", "set": name, "index": i, **row})
+        for i, sc in enumerate(r.get("preference") or []):
+            lines.append({"model": role, "kind": "preference", "index": i, **sc})
         for i, text in enumerate(r["generation"] or []):
             lines.append({"model": role, "kind": "generation", "index": i, "prompt": data.prompts[i], "output": text})
     write_text(out / DETAILS_FILE, "".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from affinage.errors import UserError
-from affinage.eval import harness, mcq, perplexity
+from affinage.eval import harness, mcq, perplexity, preference
 from affinage.eval.generation import generate
 from affinage.eval.models import (Target, context_length, default_device, eval_dtype, load,
                                   resolve_target, unload)
@@ -42,6 +42,7 @@ class _Data:
     items: dict[str, list] = field(default_factory=dict)
     pools: dict[str, Any] = field(default_factory=dict)
     prompts: list[str] = field(default_factory=list)
+    pairs: Optional[list] = None  # held-out preference pairs of a dpo/kto run (eval.preference)
 
 
 def _read_data(spec: EvalSpec, limit: Optional[int]) -> _Data:
@@ -92,6 +93,9 @@ def _evaluate_one(loaded, spec: EvalSpec, data: _Data, *, max_length: int, batch
         out["generation"] = generate(loaded.model, loaded.tokenizer, data.prompts,
                                      max_new_tokens=spec.generation.max_new_tokens, seed=spec.seed, max_length=max_length)
         _say(progress, f"{role:<5} generation: {len(data.prompts)} prompts")
+    if data.pairs:
+        out["preference"] = preference.score_pairs(loaded.model, loaded.tokenizer, data.pairs, batch_size=batch_size, device=device)
+        _say(progress, f"{role:<5} preference: {len(data.pairs)} held-out pairs")
     if spec.lm_eval:
         if not harness.available():
             out["lm_eval"] = {"skipped": harness.MISSING}
@@ -178,7 +182,10 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     if (probe / "recipe.yaml").is_file():
         from affinage.recipe.loader import load_recipe
 
-        recipe_spec = load_recipe(probe / "recipe.yaml", overrides=overrides).eval
+        run_recipe = load_recipe(probe / "recipe.yaml", overrides=overrides)
+        recipe_spec = run_recipe.eval
+        if recipe_spec is None and preference.is_preference_run(run_recipe):
+            recipe_spec = EvalSpec()  # a preference run always has its held-out pairs to score
     elif overrides:
         raise UserError(f"--set applies to a run's recipe ({target} has no recipe.yaml): give the eval sets with "
                         "--spec FILE or --ppl/--mcq NAME=PATH,key=value")
@@ -188,12 +195,15 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
     spec = select(spec, tasks)
     compare = spec.compare_base if compare_base is None else compare_base
     t: Target = resolve_target(target, base=base, compare_base=compare, spec_base=spec.base)
+    if t.run is not None and preference.is_preference_run(t.recipe):
+        preference.preference_target(t, base or spec.base, compare)  # aligned model vs the start of the stage
     for note in t.notes:
         _say(progress, note)
     root = Path(out_dir) if out_dir else (t.root if t.run is not None else Path.cwd() / f"eval-{t.root.name}")
     device = device or default_device()
     bs = batch_size or spec.batch_size
     data = _read_data(spec, limit)
+    data.pairs = preference.heldout_pairs(t, limit)
 
     refs = ([("base", t.base)] if t.base is not None else []) + [("tuned", t.tuned)]
     raw: dict[str, dict] = {}
@@ -240,6 +250,10 @@ def run_eval(target, *, spec: Optional[EvalSpec] = None, tasks: Optional[Sequenc
         "lm_eval": _lm_eval_entry({r: raw[r]["lm_eval"] for r in raw}, spec) if spec.lm_eval else None,
         "notes": t.notes,
     }
+    if data.pairs is not None:
+        beta = t.recipe.preference.beta if t.recipe.preference else 0.1
+        results["preference"] = preference.preference_entry({r: raw[r].get("preference", []) for r in raw}, beta=beta,
+                                                            bootstrap=spec.bootstrap, confidence=spec.confidence, seed=spec.seed)
     results["seconds"] = round(time.monotonic() - start, 2)
     if write:
         write_results(root, results, raw, data, spec)

@@ -70,7 +70,7 @@ def score_spans(model, requests: Sequence[tuple[Sequence[int], int]], batch_size
 
 
 def prefix_id(tokenizer) -> int | None:
-    """The token a document starts with: BOS like affinage's training (``tokenize_text``), else EOS."""
+    """The token a document starts with: BOS like affinage's training (``data.tokenize.document_ids``), else EOS."""
     if tokenizer.bos_token_id is not None:
         return int(tokenizer.bos_token_id)
     if tokenizer.eos_token_id is not None:

@@ -135,7 +135,8 @@ def render(manifest: dict, results: Optional[dict] = None, *, folder: str = "fin
         rec = (s.get("records") or {}).get("train_weighted")
         tok = (s.get("tokens") or {}).get("train")
         langs = ", ".join(f"{k} {v:.0%}" for k, v in list(((s.get("sample") or {}).get("language_share") or {}).items())[:3])
-        lines.append(f"| {_cell(s['name'])} | {rec if rec is not None else '—'} | {f'{tok:,}' if tok else '—'} | "
+        name = s["name"] + (" (preference pairs)" if s.get("data_kind") == "preference" else "")
+        lines.append(f"| {_cell(name)} | {rec if rec is not None else '—'} | {f'{tok:,}' if tok else '—'} | "
                      f"{_cell(s.get('licence')) if s.get('licence') else '**none declared**'} | {_cell(s.get('origin'))} | "
                      f"{langs or '—'} | `{(s.get('sha256') or '')[:12]}` |")
     lines.append("")

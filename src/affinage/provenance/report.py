@@ -165,6 +165,10 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
             out.append(f"![accuracy, base vs fine-tuned]({png.relative_to(root).as_posix()})\n")
         except Exception as e:
             out.append(f"(accuracy plot failed: {type(e).__name__}: {e})\n")
+    if results.get("preference"):
+        from affinage.provenance.preference_report import report_section
+
+        out += report_section(results["preference"], root, images)
     gens = results.get("generation") or []
     if gens:
         out.append("### Samples (greedy decoding, fixed seed)\n")

@@ -94,7 +94,7 @@ def sample_source(spec, limit: int = LANGUAGE_SAMPLE_RECORDS) -> dict:
 
 
 def describe_sources(recipe, stats: Optional[dict], hasher: Hasher) -> list[dict]:
-    from affinage.data.dataset import source_names
+    from affinage.data.mixture import source_names
     from affinage.data.readers import source_path
 
     card_sources = (recipe.card.sources if recipe.card else {}) or {}
@@ -160,5 +160,11 @@ def describe_sources(recipe, stats: Optional[dict], hasher: Hasher) -> list[dict
             tr, he = st.get("train") or {}, st.get("heldout") or {}
             entry["tokens"] = {"train": tr.get("tokens"), "train_with_loss": tr.get("loss_tokens"),
                                "heldout": he.get("tokens")}
+            if st.get("kind") == "preference":  # preference pairs (dpo/kto): a kind of data of its own
+                entry["data_kind"] = "preference"
+                entry["records"]["train_weighted"] = tr.get("samples")
+                entry["pairs"] = {"train": tr.get("samples"), "heldout": he.get("samples"),
+                                  "prompt_truncated": tr.get("prompt_truncated"), "completion_truncated": tr.get("completion_truncated"),
+                                  "dropped_too_long": tr.get("dropped_too_long")}
         out.append(entry)
     return out

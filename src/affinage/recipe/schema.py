@@ -12,6 +12,7 @@ from typing import Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from affinage.recipe.preference import PreferenceSpec, check_preference_recipe
 from affinage.sharding import StrategyName, strategy
 from affinage.sharding import describe as describe_strategies
 
@@ -114,7 +115,7 @@ COLUMN_KEYS = ("text", "messages", "conversations", "instruction", "input", "out
 
 class SourceSpec(Strict):
     path: str = Field(description="a .jsonl/.json file, a .parquet file, a folder of .txt files, or a datasets.save_to_disk folder")
-    format: Literal["auto", "text", "chat", "alpaca", "sharegpt"] = "auto"
+    format: Literal["auto", "text", "chat", "alpaca", "sharegpt", "preference", "unpaired"] = "auto"
     weight: float = Field(1.0, description="repeat factor: 0.5 keeps half the records, 2 uses them twice")
     name: Optional[str] = None
     text_field: str = "text"
@@ -307,6 +308,10 @@ class TrainingSpec(Strict):
     save_every: Optional[int] = Field(None, description="checkpoint every N optimizer steps (default: only at the end)")
     keep_checkpoints: int = Field(2, description="complete checkpoints kept on disk (oldest deleted first)")
     eval_every: Optional[int] = Field(None, description="evaluate the held-out split every N steps")
+    eval_on_start: bool = Field(
+        False, description="also evaluate the held-out split before the first step: the untouched model's held-out "
+        "loss (step 0 in metrics.jsonl), the baseline the final held-out loss is compared with"
+    )
     report_to: list[Literal["tensorboard", "wandb", "none"]] = Field(default_factory=lambda: ["tensorboard"])
 
     @field_validator("duration", mode="before")
@@ -539,7 +544,9 @@ class CardSpec(Strict):
 class Recipe(Strict):
     name: str
     description: Optional[str] = None
-    task: Literal["sft", "cpt"] = Field(description="sft: chat/instruction data, loss on assistant turns; cpt: raw text")
+    task: Literal["sft", "cpt", "dpo", "kto"] = Field(
+        description="sft: chat/instruction data, loss on assistant turns; cpt: raw text; dpo/kto: preference data (see preference:)"
+    )
     seed: int = 42
     model: ModelSpec
     method: MethodSpec = Field(default_factory=MethodSpec)
@@ -551,6 +558,7 @@ class Recipe(Strict):
     )
     eval: Optional[EvalSpec] = Field(None, description="what `affinage eval` measures (perplexity, MCQ, samples, lm-eval)")
     card: Optional[CardSpec] = Field(None, description="model card and AI Act summary fields only the releaser knows")
+    preference: Optional[PreferenceSpec] = Field(None, description="dpo/kto: objective, reference policy, starting run, truncation")
 
     @field_validator("name")
     @classmethod
@@ -572,10 +580,13 @@ class Recipe(Strict):
                 "Params4bit, and not tested by affinage). Use strategy zero3 (4-bit weights partitioned) or fsdp2 with "
                 "distributed.offload_params: false; optimizer offload (offload_optimizer: true with zero2/zero3) is fine"
             )
+        check_preference_recipe(self)
         if self.training.micro_batch_size > self.training.global_batch_size:
             raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
         if self.training.eval_every and self.data.heldout_fraction == 0:
             raise ValueError("training.eval_every is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
+        if self.training.eval_on_start and self.data.heldout_fraction == 0:
+            raise ValueError("training.eval_on_start is set but data.heldout_fraction is 0: set a held-out fraction (e.g. 0.05)")
         if self.task == "sft" and self.data.packing == "concat":
             raise ValueError(
                 "data.packing: concat with task: sft — concatenation cuts conversations at row boundaries; "

@@ -1,7 +1,7 @@
 """Attention that never crosses samples in a padding-free batch.
 
 ``use_varlen_attention`` switches an SDPA model to ``affinage_varlen``: causal SDPA run separately on
-each segment of a padding-free batch (``cu_seq_lens_q`` from ``data.batches.PackedCollator``), i.e.
+each segment of a padding-free batch (``cu_seq_lens_q`` from ``data.collator.PackedCollator``), i.e.
 flash-attention's varlen semantics on any device, with the cost of the segments (Σ n²) instead of a
 dense block-diagonal mask over the whole batch ((Σ n)²). Flash-attention models are left alone: they
 read the same ``cu_seq_lens`` natively.

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer
 
-from affinage.data.templates import IGNORE_INDEX
+from affinage.data.collator import IGNORE_INDEX
 from affinage.errors import UserError
 from affinage.train.attention import base_model
 

@@ -61,9 +61,11 @@ class TrainResult:
         return asdict(self)
 
 
-def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None):
+def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulation: int, has_eval: bool, strategy=None,
+                        args_class=None, extra: dict | None = None):
     """``TrainingArguments`` from the recipe; ``strategy`` (``affinage.distributed.strategies.DistributedSetup``)
-    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``."""
+    adds the DeepSpeed/FSDP2 keywords of ``distributed.strategy``. ``args_class``/``extra``: a TRL config
+    class (``DPOConfig``, ``KTOConfig``) and its own keywords, for ``affinage.train.preference``."""
     from transformers import TrainingArguments
 
     t = recipe.training
@@ -99,6 +101,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
         save_total_limit=None,  # rotation happens after the COMPLETE marker (callbacks.py)
         eval_strategy="steps" if (has_eval and t.eval_every) else "no",
         eval_steps=t.eval_every,
+        eval_on_start=has_eval and t.eval_on_start,  # the base model's held-out loss, logged at step 0
         seed=recipe.seed,
         data_seed=recipe.seed,
         bf16=bf16,
@@ -113,7 +116,7 @@ def _training_arguments(recipe: Recipe, run: RunDir, max_steps: int, accumulatio
     )
     if strategy is not None:
         kwargs.update(strategy.training_arguments())  # deepspeed=<dict filled from the recipe> / fsdp_config=...
-    return TrainingArguments(**kwargs)
+    return (args_class or TrainingArguments)(**kwargs, **(extra or {}))
 
 
 def train(
@@ -128,9 +131,11 @@ def train(
 
     ``callbacks`` are extra ``TrainerCallback`` objects (tests, integrations).
     """
+    if recipe.task in ("dpo", "kto"):
+        raise ValueError(f"task {recipe.task} trains with affinage.train.tasks.train (TRL's preference trainers), not this SFT/CPT glue")
     from transformers.trainer_callback import ProgressCallback
 
-    from affinage.data.batches import PackedCollator, PackedDataset
+    from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.data.prepare import prepare
     from affinage.data.errors import DataError
     from affinage.model.load import load_model, load_tokenizer

@@ -1,4 +1,4 @@
-"""Rows of the prepared-data cache as Trainer batches (torch).
+"""Rows of the prepared-data cache as Trainer batches (torch): the one place labels are built.
 
 ``PackedDataset`` serves the rows of a ``cache.PackedSplit``; ``PackedCollator`` turns a micro-batch
 of rows into model inputs where no sample can see another:
@@ -13,7 +13,16 @@ of rows into model inputs where no sample can see another:
   more segment (positions restart) with label -100, and there is no ``attention_mask`` so that
   transformers derives the block-diagonal mask from ``position_ids``.
 
-Labels are the token ids where ``loss_mask`` is 1, else -100 (``templates.IGNORE_INDEX``).
+The loss mask comes as a mask from the template to here (``loss_mask`` of a row or of a
+``templates.TokenizedSample``); labels are the token ids where it is set, else ``IGNORE_INDEX``.
+
+Why not ``transformers.DataCollatorWithFlattening``: given the rows' segments as features it
+returns the same keys and identical tensors (``return_flash_attn_kwargs=True``; tested in
+``tests/data/test_data_collator.py``), but it walks every token in Python lists: 16 ms against
+0.6 ms here for a 16k-token batch (8 rows of 2048, measured on this project's 2-core CPU). The
+Trainer collates in its main process by default, so on a GPU with a small model that is most of a
+step. It also needs the rows cut back into one feature per segment with labels built first, and
+has no padded form.
 """
 
 from __future__ import annotations
@@ -24,7 +33,8 @@ import numpy as np
 import torch
 
 from affinage.data.errors import DataError
-from affinage.data.templates import IGNORE_INDEX
+
+IGNORE_INDEX = -100  # the label of a token that carries no loss (PyTorch's cross-entropy default)
 
 
 class PackedDataset(torch.utils.data.Dataset):
@@ -55,19 +65,22 @@ class PackedCollator:
 
     @staticmethod
     def _row(f: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if isinstance(f, Mapping) and "loss_mask" in f:
+        """(ids, mask, segment lengths) of a cache row, or of one sample (one segment; its first token carries no loss)."""
+        if isinstance(f, Mapping):
             ids = np.asarray(f["input_ids"], dtype=np.int64)
             mask = np.asarray(f["loss_mask"], dtype=bool)
-            seq = np.asarray(f.get("seq_lens", [len(ids)]), dtype=np.int64)
-            return ids, mask, seq
-        # a plain sample (input_ids + labels): one segment
-        ids = np.asarray(f["input_ids"] if isinstance(f, Mapping) else f.input_ids, dtype=np.int64)
-        if isinstance(f, Mapping):
-            mask = np.asarray(f.get("labels", ids), dtype=np.int64) != IGNORE_INDEX
+            seq = f.get("seq_lens")
         else:
-            mask = np.asarray(f.loss_mask, dtype=bool).copy()
-        mask[:1] = False
-        return ids, mask, np.asarray([len(ids)], dtype=np.int64)
+            ids = np.asarray(f.input_ids, dtype=np.int64)
+            mask = np.asarray(f.loss_mask, dtype=bool)
+            seq = None
+        if len(mask) != len(ids):
+            raise DataError(f"sample has {len(ids)} input_ids but a loss mask of {len(mask)}")
+        if seq is None:
+            mask = mask.copy()
+            mask[:1] = False
+            seq = [len(ids)]
+        return ids, mask, np.asarray(seq, dtype=np.int64)
 
     def __call__(self, features: Sequence[Any]) -> dict:
         if not features:
@@ -106,4 +119,3 @@ class PackedCollator:
             position_ids[i, :L] = torch.from_numpy(_positions(seq))
             position_ids[i, L:] = torch.arange(width - L)
         return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
-
