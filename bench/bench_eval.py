@@ -122,7 +122,8 @@ def run_train_forward(model, rows) -> dict:
     import torch
 
     from affinage.data.batches import PackedCollator
-    from affinage.train.loss import selective_lm_loss, use_varlen_attention
+    from affinage.train.attention import use_varlen_attention
+    from affinage.train.loss import selective_lm_loss
 
     collate = PackedCollator(pad_token_id=0, task="cpt")
     before = model.config._attn_implementation

@@ -232,7 +232,8 @@ def run_affinage(task: str, cache, tok, cfg, state, a) -> dict:
     from transformers import TrainingArguments
 
     from affinage.data.collator import PackedCollator, PackedDataset
-    from affinage.train.loss import AffinageTrainer, use_varlen_attention
+    from affinage.train.attention import use_varlen_attention
+    from affinage.train.loss import AffinageTrainer
 
     attn = "sdpa"
     if torch.cuda.is_available() and _has("flash_attn"):

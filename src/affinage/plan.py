@@ -33,6 +33,7 @@ class Plan:
     memory_by_strategy: dict[str, MemoryEstimate] = field(default_factory=dict)  # same run under each strategy
     memory_full_finetune: MemoryEstimate | None = None  # LoRA recipes: the same run as a full fine-tune
     gpu: str | None = None  # GPU kind the fit verdicts are for (affinage.distributed.memory.GPU_MEMORY_GIB)
+    flops_per_token: float = 0.0  # training FLOPs per token (``training_flops_per_token``)
 
     def as_dict(self) -> dict:
         return {
@@ -54,6 +55,8 @@ class Plan:
             "gpu": self.gpu,
             "fits": {k: v.fit(self.gpu)[0] for k, v in self.memory_by_strategy.items()} if self.gpu else None,
             "checkpoint_bytes": self.checkpoint_bytes,
+            "flops_per_token": self.flops_per_token,
+            "throughput": throughput(self.flops_per_token, self.gpu, self.world_size) if self.gpu else None,
             "notes": self.notes,
         }
 
@@ -81,6 +84,91 @@ def _meta_model(recipe: Recipe, config):
             ),
         )
     return model
+
+
+# Dense bf16 peak per GPU (vendor datasheets, SXM parts; no sparsity), for MFU and plan's throughput estimate.
+PEAK_BF16_FLOPS = {"h200": 989e12, "h100": 989e12, "a100-80": 312e12, "a100-40": 312e12, "v100-32": 125e12,
+                   "v100-16": 125e12, "mi250x": 191.5e12, "l40s": 362e12, "a10": 125e12, "rtx4090": 165e12}
+ASSUMED_MFU = 0.40  # plan's tokens/s assumes this share of peak: typical of a tuned dense fine-tune; bench/gpu.py measures it
+
+
+def training_flops_per_token(*, linear_params: int, layers: int, hidden: int, seq_len: int, lora: bool) -> float:
+    """Forward + backward FLOPs per trained token: 2N forward, 2N activation gradients, 2N weight gradients
+    (skipped by LoRA's frozen base), plus causal attention scores (6·layers·hidden·seq_len)."""
+    return (4 if lora else 6) * linear_params + 6 * layers * hidden * seq_len
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, gpu: str, world_size: int = 1) -> float:
+    """Model FLOPs utilisation: achieved training FLOPs over the GPUs' dense bf16 peak."""
+    return tokens_per_s * flops_per_token / (PEAK_BF16_FLOPS[gpu] * world_size)
+
+
+def throughput(flops_per_token: float, gpu: str | None, world_size: int = 1, assumed_mfu: float = ASSUMED_MFU) -> dict | None:
+    if not gpu or gpu not in PEAK_BF16_FLOPS or not flops_per_token:
+        return None
+    peak = PEAK_BF16_FLOPS[gpu] * world_size
+    return {"peak_flops": peak, "assumed_mfu": assumed_mfu, "tokens_per_s": assumed_mfu * peak / flops_per_token,
+            "tokens_per_s_at_peak": peak / flops_per_token}
+
+
+def _packed_rows(recipe: Recipe, records: int) -> tuple[int, str]:
+    """Training rows (what the Trainer steps over): from the prepared cache when it exists, else estimated."""
+    from affinage.errors import UserError
+    from affinage.data.cache import cache_root, key_of
+    from affinage.data.cache_key import cache_key_inputs
+    from affinage.hashing import FileHasher
+
+    try:
+        root = cache_root(recipe.data)
+        folder = root / key_of(cache_key_inputs(recipe, None, FileHasher(None)))
+        if (folder / "meta.json").is_file():
+            from affinage.data.cache import PreparedCache
+
+            return len(PreparedCache.open(folder).train), f"packed rows of the prepared cache {folder.name[:12]}"
+    except (UserError, OSError, ValueError):  # no tokenizer folder, unreadable cache: estimate below
+        pass
+    if recipe.data.packing == "none" and recipe.task == "sft":
+        return records, "one sample per row (packing none)"
+    tokens = _sample_tokens_per_record(recipe)
+    if tokens is None:
+        return records, "records, not packed rows (tokenizer not found: run affinage prepare for the exact count)"
+    fill = 0.9  # measured row fill of BFD on the shared corpora: 83-96 %
+    rows = max(1, math.ceil(records * min(tokens, recipe.data.max_length * 8) / (recipe.data.max_length * fill)))
+    return min(rows, records) if recipe.task == "sft" else rows, (
+        f"≈ packed rows: {tokens:.0f} tokens/record on the first records × {records} records / "
+        f"({recipe.data.max_length} × {fill:.0%} fill); affinage prepare gives the exact count")
+
+
+def _sample_tokens_per_record(recipe: Recipe, n: int = 64) -> float | None:
+    """Mean tokens of the first ``n`` records' text (all string values), with the recipe's tokenizer."""
+    from affinage.errors import UserError
+
+    try:
+        from affinage.data.readers import read_source
+        from affinage.model.load import load_tokenizer
+
+        tok = load_tokenizer(recipe.model)
+        texts = []
+        for src in recipe.data.sources:
+            for i, rec in enumerate(read_source(src, "skip")):
+                if i >= n:
+                    break
+                texts.append(" ".join(_strings(getattr(rec, "data", rec))))
+        if not texts:
+            return None
+        return sum(len(ids) for ids in tok(texts, add_special_tokens=True)["input_ids"]) / len(texts)
+    except (UserError, OSError, ValueError):  # no tokenizer or unreadable source: plan says so
+        return None
+
+
+def _strings(obj) -> list[str]:
+    if isinstance(obj, str):
+        return [obj]
+    if isinstance(obj, dict):
+        return [s for v in obj.values() for s in _strings(v)]
+    if isinstance(obj, (list, tuple)):
+        return [s for v in obj for s in _strings(v)]
+    return []
 
 
 def _linear_params(model) -> int:
@@ -150,8 +238,9 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         if records is None:
             steps, steps_note = None, "unknown until the data is read"
         else:
-            steps = max(1, math.ceil(d.value * records / t.global_batch_size))
-            steps_note = f"{records} training records × {d.value:g} epochs (SFT: one sample per record; CPT: long texts split into more samples)"
+            rows, how = _packed_rows(recipe, records)
+            steps = max(1, math.ceil(d.value * rows / t.global_batch_size))
+            steps_note = f"{rows} training rows × {d.value:g} epochs / global batch ({how}; {records} records)"
 
     dtype = recipe.model.dtype if recipe.model.dtype != "auto" else "bfloat16"
     if recipe.model.dtype == "auto":
@@ -213,7 +302,10 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         checkpoint = total * b + total * 2 * b  # weights + AdamW states
     else:
         checkpoint = trainable * 4 * 3  # fp32 adapter + AdamW states
+    flops = training_flops_per_token(linear_params=shape["params_linear"], layers=layers, hidden=hidden,
+                                     seq_len=recipe.data.max_length, lora=recipe.method.kind in ("lora", "qlora"))
     return Plan(
+        flops_per_token=flops,
         recipe=recipe,
         model_path=str(path),
         model_type=config.model_type,
@@ -294,10 +386,20 @@ def format_plan(plan: Plan) -> str:
         f"{r.training.micro_batch_size} × {r.data.max_length} tokens",
         *_strategy_table(plan),
         f"checkpoint      ≈ {human_bytes(plan.checkpoint_bytes)} each, {r.training.keep_checkpoints} kept",
+        *_throughput_lines(plan),
         f"run directory   {r.run_dir()}",
     ]
     lines += [f"note            {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _throughput_lines(plan: Plan) -> list[str]:
+    tp = throughput(plan.flops_per_token, plan.gpu, plan.world_size)
+    line = f"compute         {plan.flops_per_token / 1e9:.2f} GFLOPs per trained token (forward + backward)"
+    if tp is None:
+        return [line + ("" if plan.gpu else "; pass --gpu KIND for a tokens/s estimate")]
+    return [line, f"throughput      ≈ {tp['tokens_per_s']:,.0f} tokens/s on {plan.world_size} × {plan.gpu} at an assumed "
+                  f"MFU of {tp['assumed_mfu']:.0%} (≤ {tp['tokens_per_s_at_peak']:,.0f} at peak)"]
 
 
 def _strategy_table(plan: Plan) -> list[str]:

@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from affinage.data.collator import PackedCollator, PackedDataset
 from affinage.data.prepare import prepare
 from affinage.recipe.schema import Recipe
-from affinage.train.loss import AffinageTrainer, selective_lm_loss, use_varlen_attention
+from affinage.train.attention import use_varlen_attention
+from affinage.train.loss import AffinageTrainer, selective_lm_loss
 
 TOKEN_TOL = 2e-5
 

@@ -7,7 +7,7 @@ Packed (the default, as training runs): requests are laid out best-fit-decreasin
 ``max_length`` tokens (``data.packing.layout_bfd``), each request its own segment; a row goes
 through ``data.batches.PackedCollator`` (padding-free, positions restarting per segment,
 ``cu_seq_lens``) and one forward, with the varlen attention the trainer uses
-(``train.loss.use_varlen_attention``) so no segment sees another, and the head applied only at the
+(``train.attention.use_varlen_attention``) so no segment sees another, and the head applied only at the
 scored positions (``logits_to_keep``, as ``train.loss.selective_lm_loss``). No pad token is
 computed on. Unpacked (``packed=False``, the reference the tests compare with): requests sorted by
 length and batched with right padding and an attention mask. Either way log-softmax is taken in
@@ -87,7 +87,7 @@ class _EvalMode:
             self.model.eval()
         self.restore = None
         if self.varlen:
-            from affinage.train.loss import base_model, use_varlen_attention
+            from affinage.train.attention import base_model, use_varlen_attention
 
             base = base_model(self.model)
             config = getattr(base, "config", None)

@@ -346,6 +346,16 @@ class Duration(Strict):
         return f"{v} {self.unit}"
 
 
+class LossSpec(Strict):
+    """How the LM head and cross-entropy are computed (``affinage.train.loss``); same loss either way."""
+
+    kind: Literal["plain", "chunked"] = Field("plain", description="chunked: head + cross-entropy per chunk of tokens, "
+                                              "full logits never held (CPT memory peak); fused Liger/CCE kernels on GPU")
+    chunk_tokens: int = Field(4096, gt=0, description="tokens per chunk of the chunked head (PyTorch path)")
+    backend: Literal["auto", "torch", "liger", "cce"] = Field("auto", description="auto: Cut Cross-Entropy, else Liger "
+                                                               "on CUDA when installed, else the chunked PyTorch path")
+
+
 class TrainingSpec(Strict):
     global_batch_size: int = Field(description="sequences per optimizer step, summed over all GPUs and accumulation")
     micro_batch_size: int = Field(1, description="sequences per forward pass on one GPU")
@@ -359,6 +369,7 @@ class TrainingSpec(Strict):
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     gradient_checkpointing: bool = False
+    loss: LossSpec = Field(default_factory=LossSpec)
     logging_steps: int = 1
     save_every: Optional[int] = Field(None, description="checkpoint every N optimizer steps (default: only at the end)")
     keep_checkpoints: int = Field(2, description="complete checkpoints kept on disk (oldest deleted first)")

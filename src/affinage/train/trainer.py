@@ -168,7 +168,8 @@ def train(
     from affinage.model.load import load_model, load_tokenizer
     from affinage.train import checkpoint as ckpt
     from affinage.train import identity as ident
-    from affinage.train.loss import AffinageTrainer, use_varlen_attention
+    from affinage.train.attention import use_varlen_attention
+    from affinage.train.loss import AffinageTrainer
     from affinage.train.callbacks import (
         CompleteCheckpointCallback,
         MetricsFileCallback,
@@ -287,6 +288,7 @@ def train(
             eval_dataset=PackedDataset(data.heldout) if data.heldout is not None else None,
             data_collator=PackedCollator(tokenizer.pad_token_id, task=recipe.task),
             processing_class=tokenizer,
+            loss_spec=recipe.training.loss,
             callbacks=[
                 MetricsFileCallback(run),
                 CompleteCheckpointCallback(run.checkpoints, recipe.training.keep_checkpoints),
