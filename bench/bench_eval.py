@@ -121,7 +121,7 @@ def training_rows(tok, texts, max_length: int) -> list[dict]:
 def run_train_forward(model, rows) -> dict:
     import torch
 
-    from affinage.data.batches import PackedCollator
+    from affinage.data.collator import PackedCollator
     from affinage.train.attention import use_varlen_attention
     from affinage.train.loss import selective_lm_loss
 

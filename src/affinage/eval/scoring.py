@@ -5,7 +5,7 @@ A request is ``(ids, start)``: the model reads ``ids`` and we sum ``log p(ids[k]
 
 Packed (the default, as training runs): requests are laid out best-fit-decreasing into rows of
 ``max_length`` tokens (``data.packing.layout_bfd``), each request its own segment; a row goes
-through ``data.batches.PackedCollator`` (padding-free, positions restarting per segment,
+through ``data.collator.PackedCollator`` (padding-free, positions restarting per segment,
 ``cu_seq_lens``) and one forward, with the varlen attention the trainer uses
 (``train.attention.use_varlen_attention``) so no segment sees another, and the head applied only at the
 scored positions (``logits_to_keep``, as ``train.loss.selective_lm_loss``). No pad token is
@@ -23,7 +23,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from affinage.data.templates import IGNORE_INDEX as IGNORE
+from affinage.data.collator import IGNORE_INDEX as IGNORE
 
 
 @dataclass(frozen=True)
@@ -107,7 +107,7 @@ class _EvalMode:
 
 @torch.no_grad()
 def _score_packed(model, requests, max_length: int, *, progress: bool, desc: str) -> tuple[list[SpanScore], int]:
-    from affinage.data.batches import PackedCollator
+    from affinage.data.collator import PackedCollator
     from affinage.data.packing import layout_bfd
     from affinage.train.loss import _accepts_logits_to_keep
 
