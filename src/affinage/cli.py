@@ -241,7 +241,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_merge(args) -> int:
-    from affinage.merge import merge_run
+    from affinage.model.merge import merge_run
 
     r = merge_run(Path(args.run_dir), out_dir=args.out)
     print(f"merged {r.adapter_dir} into {r.base} → {r.out_dir} ({r.dtype}, {r.total_parameters:,} parameters)")

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from affinage.model.errors import MergeParityError, ModelFolderError
+from affinage.model.errors import MergeParityError, ModelFolderError, ModelNotFoundError
 from affinage.model.load import build_random_model, count_parameters, load_config, load_tokenizer, load_tokenizer_folder, resolve_dtype
 from affinage.model.resolve import TOKENIZER_FILES, resolve_model_path
 from affinage.recipe.schema import ModelSpec, Recipe
@@ -222,3 +222,21 @@ def merge_adapter(
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return report
+
+
+def merge_run(run_dir: Path, out_dir: str | None = None):
+    """`affinage merge RUN_DIR`: a finished LoRA/QLoRA run's adapter merged into its base model."""
+    from affinage.recipe.loader import load_recipe
+    from affinage.run import RunDir
+
+    run = RunDir(Path(run_dir).resolve())
+    if not run.recipe.exists():
+        raise ModelNotFoundError(f"{run.root} is not a run directory (no recipe.yaml): give the folder `affinage train` wrote")
+    recipe = load_recipe(run.recipe)
+    if recipe.method.kind == "full":
+        raise ModelNotFoundError(
+            f"{run.root} is a full fine-tune: {run.final} is already a complete model; merge is for lora/qlora runs"
+        )
+    if not (run.final / "adapter_config.json").exists():
+        raise ModelNotFoundError(f"no finished adapter in {run.final}: finish (or resume) the training first")
+    return merge_adapter(run.final, recipe, Path(out_dir) if out_dir else run.merged)
