@@ -1,4 +1,7 @@
-"""`affinage` command line: thin commands, the logic lives in the modules they call."""
+"""`affinage` command line: thin commands, the logic lives in the modules they call.
+
+One cohesive thing (over 400 lines): the argument parser and one thin function per command.
+"""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 
 The model is built on the ``meta`` device from its config.json (no memory, no weights), so a 7B
 plan runs in a second on a laptop that only has the config staged.
+
+One cohesive thing (over 400 lines): the plan of a recipe and its printed form.
 """
 
 from __future__ import annotations

@@ -25,6 +25,9 @@ The cache folder (same root and key machinery as SFT data, ``affinage.data.cache
 flat ``uint32`` arrays with ``int64`` offsets, ready for TRL's preference collators, which take
 ``prompt_ids``/``chosen_ids``/``rejected_ids`` (DPO) and ``prompt_ids``/``completion_ids``/``label``
 (KTO): TRL does not tokenize again (``affinage.train.preference``).
+
+One cohesive thing (over 400 lines): the data path of preference records, from reading to the
+cache (it reuses ``templates``, ``spool`` filters and ``mixture``; what is specific to pairs stays here).
 """
 
 from __future__ import annotations

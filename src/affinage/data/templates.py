@@ -8,6 +8,9 @@ sentinel (the reply is where the two renderings differ), then widened to the end
 generation prompt and to the end-of-turn marker that follows it (``render_chat`` states the rule).
 Tokens are then masked from character offsets (fast tokenizers only); a special token carries loss
 only when the span holds all of it, so a role header never does.
+
+One cohesive thing (over 400 lines): rendering a conversation and finding which of its tokens
+carry loss, one algorithm; the named fallback templates sit at its top.
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ The steps, in order:
 
 Every problem the user can fix in the recipe surfaces as a :class:`RecipeError` whose text is the
 whole explanation (no traceback needed).
+
+One cohesive thing (over 400 lines): reading recipe YAML, the five steps below; the pydantic
+error translation is in ``recipe.problems``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 Strict on purpose (llm-foundry style): unknown keys are errors (``extra="forbid"``), impossible
 combinations are rejected here, before any model or data is loaded. Loading YAML, ``base:``
 composition, ``--set`` overrides and the file:line error messages live in ``recipe.loader``.
+
+One cohesive thing (over 400 lines): the one strict schema of a recipe, section by section.
 """
 
 from __future__ import annotations

@@ -4,6 +4,10 @@ affinage owns what the Trainer does not know: the recipe's global batch (turned 
 accumulation for the actual world size), durations with units, loss on assistant tokens only
 (labels from ``affinage.data``), complete-or-ignored checkpoints, stop requests, and the run
 directory's metrics and summary.
+
+One cohesive thing (over 400 lines): the one ``train()`` of SFT/CPT and the decisions around it
+(resume or not, identity, finished runs, signals, final save); callbacks, checkpoints, identity and
+walltime live in modules of their own.
 """
 
 from __future__ import annotations
