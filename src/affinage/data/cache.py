@@ -283,3 +283,37 @@ def verify_cache(path: Path) -> None:
     except OSError:
         done = f"remove it (rm -r {path}) or rerun affinage prepare with --force"
     raise CorruptCacheError(f"the prepared-data cache {path} is corrupt: {why}; {done}", where=str(path), reason="corrupt cache")
+
+
+def find_or_build(root: Path, key: str, *, force: bool, hasher, open_cache, build):
+    """The one protocol of a cache folder: a hit opens it; a miss builds it once under the key's lock.
+
+    ``open_cache(folder, hit)`` opens a published folder; ``build(tmp)`` fills a temporary sibling,
+    which is published (checksummed, then renamed) when complete, or removed. Another process that
+    built the same key while this one waited for the lock is a hit. SFT/CPT rows and preference
+    pairs share this, so both get the same locking, integrity records and file modes.
+    """
+    import tempfile
+
+    from affinage.run import dir_mode
+
+    final = Path(root) / key
+    if not force and (final / "meta.json").is_file():
+        hasher.save()
+        return open_cache(final, True)
+    with build_lock(Path(root), key):
+        if not force and (final / "meta.json").is_file():
+            hasher.save()
+            return open_cache(final, True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
+        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700: a cache follows the umask (and sharing: group)
+        try:
+            build(tmp)
+            if force and final.exists():
+                shutil.rmtree(final)
+            publish(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        hasher.save()
+    return open_cache(final, False)

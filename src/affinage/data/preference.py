@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from affinage.data.cache import build_lock, cache_root, key_of, publish
+from affinage.data.cache import cache_root, find_or_build, key_of, verify_cache
 from affinage.data.mixture import heldout_counts, source_names, weighted_indices
 from affinage.data.errors import DataError, SkipCounter
 from affinage.data.filters import ExactDedup, LengthFilter, NearDedup
@@ -389,6 +387,7 @@ class PreferenceCache:
     @classmethod
     def open(cls, path: Path, hit: bool = False, seconds: float = 0.0) -> "PreferenceCache":
         path = Path(path)
+        verify_cache(path)  # sizes and checksums recorded at publish, as for SFT/CPT rows
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         if meta.get("preference_format") != PREFERENCE_FORMAT_VERSION:
             raise DataError(f"{path}: preference cache format {meta.get('preference_format')} is not {PREFERENCE_FORMAT_VERSION}; delete it")
@@ -420,29 +419,17 @@ def prepare_preference(recipe, tokenizer=None, *, key_inputs, root=None, progres
     hasher = FileHasher(root)
     inputs = preference_key_inputs(recipe, key_inputs(recipe, tokenizer, hasher))
     key = "pref-" + key_of(inputs)
-    final = root / key
-    if not force and (final / "meta.json").is_file():
-        hasher.save()
-        return PreferenceCache.open(final, hit=True, seconds=time.perf_counter() - t0)
-    with build_lock(root, key):
-        if not force and (final / "meta.json").is_file():
-            hasher.save()
-            return PreferenceCache.open(final, hit=True, seconds=time.perf_counter() - t0)
-        if tokenizer is None:
+
+    def build(tmp: Path) -> None:
+        tok = tokenizer
+        if tok is None:
             from affinage.model.load import load_tokenizer
 
-            tokenizer = load_tokenizer(recipe.model)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        try:
-            _build(recipe, tokenizer, tmp, inputs, key)
-            if force and final.exists():
-                shutil.rmtree(final)
-            publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        hasher.save()
-    return PreferenceCache.open(final, hit=False, seconds=time.perf_counter() - t0)
+            tok = load_tokenizer(recipe.model)
+        _build(recipe, tok, tmp, inputs, key)
+
+    return find_or_build(root, key, force=force, hasher=hasher, build=build,
+                         open_cache=lambda folder, hit: PreferenceCache.open(folder, hit=hit, seconds=time.perf_counter() - t0))
 
 
 @dataclass

@@ -19,13 +19,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
-from affinage.data.cache import DATA_FORMAT_VERSION, PreparedCache, build_lock, cache_root, key_of, publish
+from affinage.data.cache import DATA_FORMAT_VERSION, PreparedCache, cache_root, find_or_build, key_of
 from affinage.data.cache_key import cache_key_inputs
 from affinage.data.errors import DataError
 from affinage.data.mixture import SourceSplit, heldout_counts, source_names, split_source
@@ -60,32 +59,17 @@ def prepare(
     hasher = FileHasher(root if root.is_dir() or _can_create(root) else None)
     inputs = cache_key_inputs(recipe, tokenizer, hasher)
     key = key_of(inputs)
-    final = root / key
-    if not force and (final / "meta.json").is_file():
-        hasher.save()
-        return PreparedCache.open(final, hit=True, seconds=time.perf_counter() - t0)
-    with build_lock(root, key):
-        if not force and (final / "meta.json").is_file():
-            hasher.save()
-            return PreparedCache.open(final, hit=True, seconds=time.perf_counter() - t0)
-        if tokenizer is None:
+
+    def build(tmp: Path) -> None:
+        tok = tokenizer
+        if tok is None:
             from affinage.model.load import load_tokenizer
 
-            tokenizer = load_tokenizer(recipe.model)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))
-        from affinage.run import dir_mode
+            tok = load_tokenizer(recipe.model)
+        _build(recipe, tok, tmp, inputs, key, num_proc or recipe.data.num_proc or usable_cpus(), progress)
 
-        os.chmod(tmp, dir_mode())  # mkdtemp makes 0700: a cache follows the umask (and sharing: group)
-        try:
-            _build(recipe, tokenizer, tmp, inputs, key, num_proc or recipe.data.num_proc or usable_cpus(), progress)
-            if force and final.exists():
-                shutil.rmtree(final)
-            publish(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        hasher.save()
-    return PreparedCache.open(final, hit=False, seconds=time.perf_counter() - t0)
+    return find_or_build(root, key, force=force, hasher=hasher, build=build,
+                         open_cache=lambda folder, hit: PreparedCache.open(folder, hit=hit, seconds=time.perf_counter() - t0))
 
 
 def _can_create(root: Path) -> bool:
