@@ -280,12 +280,13 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     ref_model = load_reference(policy_recipe, stack) if reference == "frozen_copy" else None
 
     trainer_cls, config_cls = trainer_classes(recipe.task)
-    args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=data.heldout is not None, strategy=strategy,
-                               args_class=config_cls, extra=preference_arguments(recipe, reference))
     train_ds = data.train.to_dataset()
     eval_ds = None
     if data.heldout is not None and data.heldout.kind == data.train.kind:
         eval_ds = data.heldout.to_dataset()
+    # KTO trains on unpaired completions while its held-out split stays pairs: no Trainer eval then
+    args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=eval_ds is not None, strategy=strategy,
+                               args_class=config_cls, extra=preference_arguments(recipe, reference))
 
     cls = strategy.trainer_class(trainer_cls)
     # the cache key and run dir reach the reference-log-prob cache before TRL's __init__ calls it
