@@ -38,6 +38,7 @@ from typing import Any, Optional
 
 from affinage.errors import UserError
 from affinage.scrub import scrub, scrub_data
+from affinage.paths import ancestors
 
 SHARING = ("user", "group")
 _GROUP_SHARED = False  # set by apply_sharing("group") for the rest of the process
@@ -82,7 +83,7 @@ def make_dir(path: Path) -> Path:
     """``mkdir -p`` whose folders follow the umask; in a group-shared process the new folder also
     gets the setgid bit, so files created below it keep the project's group."""
     path = Path(path)
-    missing = [p for p in (path, *path.parents) if not p.exists()]
+    missing = [p for p in ancestors(path) if not p.exists()]
     path.mkdir(parents=True, exist_ok=True)
     if _GROUP_SHARED:
         for p in missing:
@@ -103,7 +104,9 @@ def claim_folder(path: Path, markers: tuple[str, ...], what: str) -> Path:
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FolderNotOursError(f"{what} {path} is a file, not a folder: choose another path")
-    if path.is_dir() and any(path.iterdir()) and not any((path / m).exists() for m in markers):
+    # the run lock (runlock.LOCK_NAME) is taken before the folder is claimed: it is affinage's, not content
+    content = [p for p in path.iterdir() if p.name != ".affinage.lock"] if path.is_dir() else []
+    if content and not any((path / m).exists() for m in markers):
         raise FolderNotOursError(
             f"{what} {path} already exists and was not written by affinage (it holds none of {', '.join(markers)}): "
             "affinage never replaces a folder it did not create. Choose a new or empty folder, or move this one away"

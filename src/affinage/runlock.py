@@ -22,6 +22,7 @@ from typing import Optional
 import yaml
 
 from affinage.errors import UserError
+from affinage.paths import ancestors
 
 LOCK_NAME = ".affinage.lock"
 
@@ -44,7 +45,7 @@ def check_run_dir_path(path: str | os.PathLike, what: str = "--run-dir") -> Path
     if p.exists() and not p.is_dir():
         raise RunDirError(f"{what} {p} is an existing file, not a folder: give a folder (it is created if missing), "
                           "e.g. --run-dir runs/my-run")
-    parent = next((q for q in p.absolute().parents if q.exists()), None)
+    parent = next((q for q in ancestors(p.absolute())[1:] if q.exists()), None)
     if parent is not None and not parent.is_dir():
         raise RunDirError(f"{what} {p}: {parent} is a file, so no folder can be made there")
     return p

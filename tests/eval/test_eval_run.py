@@ -142,8 +142,9 @@ def test_eval_frictions_command_line_sets_add_set_and_tasks(lora_run, tmp_path, 
     capsys.readouterr()
     assert main(["eval", str(tmp_path / "nowhere")]) == 2
     assert "no such run directory or model folder" in capsys.readouterr().err
-    assert main(["eval", str(run.root), "--limit", "-5"]) == 2
-    assert "--limit -5" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # refused by the argument parser, before anything loads
+        main(["eval", str(run.root), "--limit", "-5"])
+    assert e.value.code == 2 and "must be at least 1 (got -5)" in capsys.readouterr().err
     assert main(["eval", str(run.final), "--mcq", f"x={renamed},colour=blue", "--no-base"]) == 2
     assert "'colour' is not an option of a mcq set" in capsys.readouterr().err
 
