@@ -313,6 +313,21 @@ class RunDir:
         """Append-only events of the run's SLURM jobs (submitted, started, requeued, ended: slurm/status.py)."""
         return self.slurm / "jobs.jsonl"
 
+    @classmethod
+    def top_level_names(cls) -> frozenset[str]:
+        """The names of every entry a run directory's layout puts at its top (from the properties above)."""
+        probe = cls(Path("/run-dir"))
+        names = set()
+        for name in dir(cls):
+            if isinstance(getattr(cls, name, None), property):
+                try:
+                    value = getattr(probe, name)
+                except Exception:
+                    continue
+                if isinstance(value, Path) and value != probe.root and value.is_relative_to(probe.root):
+                    names.add(value.relative_to(probe.root).parts[0])
+        return frozenset(names)
+
     # ------------------------------------------------------------------------------- readers
     def read_metrics(self) -> list[dict]:
         """Every logged row of ``metrics.jsonl``; a torn line (a kill mid-write) is skipped."""

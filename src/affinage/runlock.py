@@ -23,16 +23,13 @@ import yaml
 
 from affinage.errors import UserError
 from affinage.paths import ancestors
+from affinage.run import RunDir
 
 LOCK_NAME = ".affinage.lock"
 
-# Every top-level entry affinage writes in a run directory (run.py's layout, plus what eval, card, merge,
-# submit and smoke add); atomic writes leave ".<name>.<random>" files for an instant.
-KNOWN_ENTRIES = frozenset({
-    "recipe.yaml", "data_stats.json", "metrics.jsonl", "logs", "checkpoints", "final", "final.tmp", "merged",
-    "summary.json", "provenance.json", "ai_act_summary.md", "report.md", "eval", "slurm", "STOP", LOCK_NAME,
-    "tiny-model", "cache", "distributed",  # distributed/: affinage.distributed.strategies.DIST_DIR
-})
+# Every top-level entry affinage writes in a run directory: RunDir's layout (the one home of its paths),
+# plus the lock and what smoke and preference runs add; atomic writes leave ".<name>.<random>" files.
+KNOWN_ENTRIES = RunDir.top_level_names() | {LOCK_NAME, "ai_act_summary.md", "tiny-model", "cache", "reference", "start"}
 
 
 class RunDirError(UserError):
