@@ -60,6 +60,10 @@ def cmd_status(args) -> int:
     root = Path(args.run_dir)
     if not root.is_dir():
         raise UserError(f"{root} does not exist" if not root.exists() else f"{root} is a file, not a run directory")
+    if not jobs_file(root).is_file() and any((root / "slurm").glob("*.sbatch")):
+        print(f"{root}: no jobs recorded: its job scripts were rendered with --dry-run (see {root / 'slurm'}); "
+              "submit without --dry-run to run them")
+        return 0
     if not jobs_file(root).is_file():
         local = (root / "recipe.yaml").is_file() or (root / "summary.json").is_file()
         raise UserError(f"{root}: no SLURM jobs recorded (no {jobs_file(root).relative_to(root)}): "
