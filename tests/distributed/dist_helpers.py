@@ -164,8 +164,12 @@ def reload_logits(run_dir: Path) -> torch.Tensor:
 
 
 def copy_checkpoint(src_run: Path, step: int, dst_run: Path) -> None:
-    """A run directory holding only ``checkpoint-<step>`` of ``src_run`` (and its metrics up to that step)."""
+    """A run directory holding only ``checkpoint-<step>`` of ``src_run`` (with its recipe, identity and metrics
+    up to that step: what a run directory of affinage holds, or it is refused as someone else's)."""
     (dst_run / "checkpoints").mkdir(parents=True)
+    for name in ("recipe.yaml", "identity.json"):
+        if (src_run / name).is_file():
+            shutil.copy2(src_run / name, dst_run / name)
     shutil.copytree(src_run / "checkpoints" / f"checkpoint-{step}", dst_run / "checkpoints" / f"checkpoint-{step}")
     rows = [line for line in (src_run / "metrics.jsonl").read_text().splitlines() if json.loads(line).get("step", 0) <= step]
     (dst_run / "metrics.jsonl").write_text("\n".join(rows) + "\n")

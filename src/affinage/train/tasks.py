@@ -20,10 +20,11 @@ def train(recipe: Recipe, run: RunDir, *, resume: bool = True, world_size: int |
     if recipe.task in PREFERENCE_TASKS:
         from affinage.train.preference import train_preference
 
-        if recipe_text is not None and int(os.environ.get("RANK", "0")) == 0:
+        if int(os.environ.get("RANK", "0")) == 0 and (recipe_text is not None or not run.recipe.is_file()):
+            from affinage.recipe.loader import dump_resolved
             from affinage.run import write_text
 
-            write_text(run.recipe, recipe_text)
+            write_text(run.recipe, recipe_text if recipe_text is not None else dump_resolved(recipe))
         return train_preference(recipe, run, resume=resume, world_size=world_size, callbacks=callbacks)
     from affinage.train.trainer import train as train_lm
 

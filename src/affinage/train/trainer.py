@@ -248,6 +248,10 @@ def train(
 
     if is_main:
         write_json(run.data_stats, {**data.stats, "cache": str(data.path)})
+        if recipe_text is None and not run.recipe.is_file():
+            from affinage.recipe.loader import dump_resolved
+
+            recipe_text = dump_resolved(recipe)  # called from code (tests, drivers): a run directory always has its recipe
         if recipe_text is not None:
             write_text(run.recipe, recipe_text)
         ident.record(run, current, changes=changes, restart=resume_from is None)
