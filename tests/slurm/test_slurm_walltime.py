@@ -24,10 +24,11 @@ from affinage.slurm.submit import submit
 from affinage.train.walltime import SAVE_SLEEP_ENV, read_timing
 
 SAVE_SLEEP = 4  # seconds: slower than the rest of a tiny checkpoint by far
-STEPS = 1000  # two or three two-minute jobs on this machine's CPUs (start-up alone takes 25-40 s here)
+STEPS = 3000  # more than one two-minute job even on idle cores (0.077 s/step idle, 0.14 s loaded; start-up 25-40 s)
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("AFFINAGE_SLOW"), reason="slow (3+ two-minute SLURM jobs): set AFFINAGE_SLOW=1 to run")
 def test_two_minute_jobs_without_signal_stop_on_their_clock_and_end_bitwise_equal(tmp_path, local_cluster, tiny_llama_dir, demo_data, monkeypatch):
     recipe = tmp_path / "tiny.yaml"
     recipe.write_text(
