@@ -72,17 +72,54 @@ def test_dpo_loss_decreases_and_heldout_preference_accuracy_rises(tmp_path, pret
     assert "Preference pairs (held out)" in (run.root / "report.md").read_text()
 
 
-@pytest.mark.xfail(reason="known bug, issue 13 left open: KTO's training loss returns to 0.500 after a few steps on this "
-                   "tiny LoRA setup (the policy's rewards and the KL estimate cancel); DPO on the same data learns", strict=False)
+# KTO's settings, set the way a user would (``--set``); what DPO's test uses (4 completions a step, lr 1e-2)
+# saturates KTO on this model (see the docstring below and issue 13's note)
+KTO_SETTINGS = ["training.learning_rate=1e-3", "training.global_batch_size=8", "training.micro_batch_size=4"]
+
+
+def _third_means(rows: list[dict], key: str) -> tuple[float, float]:
+    """Means of ``key`` over the first and the last third of the logged steps (the steps that logged it)."""
+    n = len(rows) // 3
+    first = [m[key] for m in rows[:n] if key in m]
+    last = [m[key] for m in rows[-n:] if key in m]
+    return sum(first) / len(first), sum(last) / len(last)
+
+
 def test_kto_loss_decreases(tmp_path, pretrained_tiny_dir, demo_data):
-    """KTO's per-batch loss swings with each batch's mix of desirable and undesirable completions (4 per
-    step here), so the check compares the means of the first and the last third of 30 steps."""
-    recipe = load_recipe(write_recipe(tmp_path, pretrained_tiny_dir, demo_data / "preferences.jsonl", task="kto", steps=30))
+    """KTO learns here with a smaller step than DPO's test: lr 1e-3, 8 completions a step (issue 13).
+
+    With DPO's lr 1e-2 and 4 completions a step, a few steps lower the log-probs of every completion,
+    desirable ones too (the undesirable term pushes down without bound, the desirable one pulls up at
+    most to 0, the LoRA shares its directions); the KL estimate turns negative and TRL clamps the
+    reference point at 0 (the paper's z0 = max(0, KL)), so nothing absorbs the shared drift: rewards
+    reach −15..−25, the sigmoids saturate (zero gradient) and each step's loss equals its fraction of
+    desirable completions, 0.5 on average. DPO's loss sees only chosen − rejected, where the drift
+    cancels. At lr 2e-3 the collapse still hits 2 of 24 seeds, at 1e-3 none. The per-step loss swings
+    with each batch's mix of labels, so the checks compare the first and last thirds of 60 steps.
+    """
+    from affinage.evaluate import evaluate as run_eval
+
+    path = write_recipe(tmp_path, pretrained_tiny_dir, demo_data / "preferences.jsonl", task="kto", steps=60)
+    recipe = load_recipe(path, KTO_SETTINGS)
     run = RunDir.create(recipe.run_dir())
     result = train(recipe, run)
-    ls = losses(run)
+    rows = [m for m in run.read_metrics() if "loss" in m]
     assert result.completed and result.train_samples == 96  # 48 pairs unpaired into desirable + undesirable
-    assert sum(ls[-10:]) / 10 < sum(ls[:10]) / 10 - 0.05, ls
+    assert rows[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # policy == reference at step 0: every sigmoid at 1/2
+    # seeds 1-24 (the recipe's seed): first-third mean 0.468..0.496, last-third 0.356..0.398, drop 0.083..0.125
+    first, last = _third_means(rows, "loss")
+    assert last < first - 0.04, [m["loss"] for m in rows]
+    # not the saturated collapse: desirable completions gain reward over undesirable ones (seeds 1-24: +0.91..+1.65
+    # in the last third; a collapsed run reads −2..−6 there)
+    rc, rr = _third_means(rows, "rewards/chosen")[1], _third_means(rows, "rewards/rejected")[1]
+    assert rc - rr > 0.3, (rc, rr)
+    run.recipe.write_text(dump_resolved(recipe), encoding="utf-8")  # what `affinage train` writes
+    e = run_eval(run.root, progress=False)["preference"]  # the held-out split stays pairs
+    assert e["pairs"] == 16
+    # seeds 1-24: per-token accuracy 0.19..0.63 → 0.63..0.94; summed margin +5.6..+15.7 nats (interval excludes 0
+    # on 23 of 24 seeds, so it is not asserted)
+    assert e["tuned"]["accuracy_norm"] > e["base"]["accuracy_norm"]
+    assert e["delta"]["margin"]["delta"] > 0 and e["reward_margin"]["value"] > 0, e["delta"]["margin"]
 
 
 class StopAt(TrainerCallback):
