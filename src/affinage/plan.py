@@ -268,6 +268,7 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         params_layer=_layer_params(model, layers),
         sequences_per_sample=2 if recipe.task == "dpo" else 1,  # chosen + rejected in one forward
         reference_copy=recipe.preference is not None and recipe.preference.resolved_reference(recipe.method.kind) == "frozen_copy",
+        loss_chunk_tokens=t.loss.chunk_tokens if t.loss.kind == "chunked" else None,
     )
     from affinage.sharding import STRATEGIES
     from affinage.recipe.schema import DistributedSpec

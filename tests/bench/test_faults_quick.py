@@ -10,6 +10,8 @@ concurrency) is ``python bench/faults.py``.
 from __future__ import annotations
 
 import importlib.util
+import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,11 +19,18 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_fault_campaign_quick(tmp_path):
+    # The campaign forks its training runs from its own process (bench/faults.py: Forked). It runs as a
+    # fresh `python bench/faults.py`, never inside pytest: a fork of a process that has already run
+    # torch's OpenMP pool or other tests' threads can deadlock in the child (CI saw a 600 s hang).
+    out = tmp_path / "faults.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "faults.py"), "--quick", "--work", str(tmp_path / "work"),
+                        "--json", str(out)], capture_output=True, text=True, timeout=1500)
+    assert out.exists(), f"the campaign ended with {r.returncode} and no result:\n{r.stderr[-3000:]}"
+    result = json.loads(out.read_text())
     spec = importlib.util.spec_from_file_location("faults", REPO / "bench" / "faults.py")
     faults = importlib.util.module_from_spec(spec)
     sys.modules["faults"] = faults  # dataclasses look their module up there
     spec.loader.exec_module(faults)
-    result = faults.campaign(tmp_path / "work", quick=True, say=lambda *_: None)
     t = result["totals"]
     bad = [c for c in result["cases"] if c["result"] != "clear"]
     assert not bad, "\n".join(f"{c['result']}: {c['group']}: {c['name']}: {c['message']}" for c in bad)

@@ -33,7 +33,7 @@ STRATEGIES = ["ddp", "fsdp2", "zero2", "zero3"]
 DEEPSPEED = {"zero2", "zero3", "zero3_offload"}
 
 slow = pytest.mark.slow
-run_slow = pytest.mark.skipif(not os.environ.get("AFFINAGE_SLOW"), reason="slow: set AFFINAGE_SLOW=1 to run")
+run_slow = slow  # tests/conftest.py skips every ``slow`` test unless AFFINAGE_SLOW=1
 
 
 def needs(strategy: str):

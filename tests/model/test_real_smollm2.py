@@ -86,7 +86,6 @@ output: {{dir: {root / 'run'}}}
     return root / "run"
 
 
-@pytest.mark.slow
 @pytest.mark.shared
 @needs_model
 @needs_legal
@@ -105,7 +104,6 @@ def test_lora_cpt_lowers_heldout_legal_bits_per_byte(legal_run):
     assert d["relative"]["ci_high"] < 0 and d["relative"]["delta"] == pytest.approx(tuned / base - 1, abs=1e-6)
 
 
-@pytest.mark.slow
 @pytest.mark.shared
 @needs_model
 @needs_legal
@@ -143,7 +141,6 @@ def test_merged_real_model_reloads_in_plain_transformers(legal_run):
     assert re.search(r"[A-Za-zÀ-ÿ]{2}", tok.decode(new, skip_special_tokens=True))
 
 
-@pytest.mark.slow
 @needs_model
 def test_lora_sft_lowers_heldout_loss_on_french_chat(tmp_path):
     """The shipped sft-chat.yaml, shortened: the held-out loss after training is below the untouched model's."""

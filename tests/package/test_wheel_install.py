@@ -87,6 +87,7 @@ def test_the_wheel_ships_resources_recipes_and_demo_data(installed):
     assert not any(n.startswith(("configs/", "recipes/", "slurm/")) for n in names)  # no files outside the package
 
 
+@pytest.mark.slow  # .ci/run runs the same commands from the installed wheel on every CI run
 def test_installed_commands_run_from_outside_the_checkout(installed, tmp_path):
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -50,3 +50,15 @@ def test_flops_mfu_and_throughput():
     assert tp["tokens_per_s_at_peak"] == pytest.approx(2 * PEAK_BF16_FLOPS["h200"] / 1e9)
     assert tp["tokens_per_s"] == pytest.approx(tp["assumed_mfu"] * tp["tokens_per_s_at_peak"])
     assert throughput(1e9, None) is None
+
+
+def test_plan_memory_counts_one_chunk_of_logits_with_the_chunked_head(tiny_llama_dir, demo_data, tmp_path):
+    """Plain head: micro_batch × seq × vocab fp32 logits and their gradient; chunked: one chunk of rows."""
+    plain = recipe(tiny_llama_dir, demo_data, tmp_path)
+    chunked = plain.model_copy(deep=True)
+    chunked.training.loss.kind, chunked.training.loss.chunk_tokens = "chunked", 128
+    m_plain, m_chunked = make_plan(plain).memory, make_plan(chunked).memory
+    vocab = 1024  # the tiny Llama's
+    assert m_plain.logits == 1 * 512 * vocab * 4 * 2  # micro_batch 1 × max_length 512
+    assert m_chunked.logits == 128 * vocab * 4 * 2
+    assert m_plain.total - m_chunked.total == m_plain.logits - m_chunked.logits

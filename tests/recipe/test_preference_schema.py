@@ -88,3 +88,11 @@ def test_memory_estimate_counts_the_reference_and_both_completions():
     assert dpo_frozen.total == sft.total + sft.weights + sft.activations + sft.logits
     zero3 = estimate_memory(**shape, strategy="zero3", world_size=4, reference_copy=True)
     assert zero3.reference == zero3.weights  # sharded like the policy
+
+
+def test_chunked_head_is_refused_for_preference_tasks(tmp_path):
+    """TRL's DPO/KTO trainers compute their own log-probabilities: a chunked head there would be silently ignored."""
+    text = BASE.format(task="dpo", kind="lora").replace("duration: 10 steps}", "duration: 10 steps, loss: {kind: chunked}}")
+    assert "loss: {kind: chunked}" in text
+    with pytest.raises(RecipeError, match="training.loss.kind: chunked with task: dpo"):
+        load_recipe(write(tmp_path, text))

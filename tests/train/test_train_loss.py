@@ -120,8 +120,11 @@ def test_chunked_refuses_what_it_would_compute_wrongly():
     assert resolve_backend("auto", on_cuda=False) == "torch"
 
 
+# Peak bytes of live tensors from torch's own profiler timeline, not the process's peak RSS: some CI sandboxes
+# (gVisor-like) never move ru_maxrss or VmHWM, and RSS also counts allocator caching the loss does not own.
 PEAK_SCRIPT = textwrap.dedent("""
-    import json, resource, sys, torch
+    import json, sys, tempfile, warnings, torch
+    from torch.profiler import ProfilerActivity, profile
     from transformers import LlamaConfig, LlamaForCausalLM
     from affinage.train.loss import selective_lm_loss
     torch.set_num_threads(1)
@@ -131,12 +134,15 @@ PEAK_SCRIPT = textwrap.dedent("""
     model = LlamaForCausalLM(cfg).float()
     ids = torch.randint(0, 16384, (4, 1024))
     b = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     chunked = {"chunk_tokens": 512, "backend": "torch"} if sys.argv[1] == "chunked" else None
-    loss, _ = selective_lm_loss(model, b, chunked=chunked)
-    loss.backward()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"loss": float(loss), "before_kib": before, "peak_kib": peak}))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as prof:
+        loss, _ = selective_lm_loss(model, b, chunked=chunked)
+        loss.backward()
+    with tempfile.NamedTemporaryFile(suffix=".json") as f, warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated for CUDA snapshots; the CPU timeline has no successor
+        prof.export_memory_timeline(f.name, device="cpu")
+        times, sizes = json.load(open(f.name))
+    print(json.dumps({"loss": float(loss), "peak_bytes": max(sum(s) for s in sizes), "events": len(times)}))
 """)
 
 
@@ -146,6 +152,7 @@ def test_chunked_cpt_step_has_a_lower_peak_memory():
         r = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, kind], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         out[kind] = json.loads(r.stdout.strip().splitlines()[-1])
-    mib = {k: (v["peak_kib"] - v["before_kib"]) / 1024 for k, v in out.items()}
+    mib = {k: v["peak_bytes"] / 2**20 for k, v in out.items()}
     assert abs(out["plain"]["loss"] - out["chunked"]["loss"]) <= 1e-5 * out["plain"]["loss"]
-    assert mib["plain"] - mib["chunked"] >= 300, mib
+    # 4×1024 tokens × 16,384 vocabulary in fp32 is 256 MiB a copy of the logits; the plain loss holds several
+    assert mib["plain"] > 700 and mib["chunked"] < mib["plain"] / 4, mib

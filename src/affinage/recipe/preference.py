@@ -129,6 +129,11 @@ def check_preference_recipe(recipe) -> None:
         return
     if p is None:
         recipe.preference = p = PreferenceSpec()
+    if recipe.training.loss.kind != "plain":
+        raise ValueError(
+            f"training.loss.kind: {recipe.training.loss.kind} with task: {task} — TRL's {task.upper()} trainer computes the "
+            "log-probabilities itself, so affinage's chunked head would be ignored; it is for cpt and sft: remove training.loss"
+        )
     allowed = DPO_LOSS_TYPES if task == "dpo" else KTO_LOSS_TYPES
     if p.loss_type is None:
         p.loss_type = allowed[0]  # sigmoid (DPO) or kto
