@@ -7,7 +7,6 @@ process), so float reduction orders are the same and the comparisons are bitwise
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from datetime import datetime
 from pathlib import Path
@@ -75,8 +74,7 @@ def test_dpo_stage_requeued_by_usr1_ends_bitwise_equal_and_reuses_its_reference(
         assert torch.equal(a[k], b[k]), f"{k} differs after a USR1 requeue at step {cut_at}"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("AFFINAGE_SLOW"), reason="slow (five chained SLURM jobs and a requeue): set AFFINAGE_SLOW=1 to run")
+@pytest.mark.slow  # five chained SLURM jobs and a requeue: 120 s here
 def test_sft_then_dpo_chain_waits_for_the_requeued_sft_and_evaluates(tmp_path, local_cluster, tiny_llama_dir, demo_data):
     """``--pipeline prepare,sft,dpo,eval --from-recipe``: the SFT job is cut by USR1 and requeued; the
     DPO training starts only after its final success, from its merged adapter; eval runs on the DPO run."""
