@@ -384,6 +384,7 @@ def format_plan(plan: Plan) -> str:
         + (f"; {human_bytes(m.cpu_offloaded)} offloaded to CPU RAM per process" if m.cpu_offloaded else ""),
         *([f"reference       {r.preference.resolved_reference(r.method.kind)} (dpo/kto: chosen and rejected share each "
            f"micro-batch, counted in activations)"] if r.preference is not None else []),
+        *([_start_line(r)] if r.preference is not None and r.preference.from_run else []),
         f"activations     {human_bytes(m.activations_full)} without, {human_bytes(m.activations_checkpointed)} with "
         f"gradient checkpointing (now {'on' if r.training.gradient_checkpointing else 'off'}), per micro-batch of "
         f"{r.training.micro_batch_size} × {r.data.max_length} tokens",
@@ -394,6 +395,19 @@ def format_plan(plan: Plan) -> str:
     ]
     lines += [f"note            {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def _start_line(r: Recipe) -> str:
+    """Where a DPO/KTO recipe starts: its SFT run, trained or still to train (then how to chain them)."""
+    from affinage.paths import expand
+
+    p = r.preference
+    final = expand(p.from_run) / "final"
+    state = "trained" if final.is_dir() else (
+        f"{final} not trained yet: train the SFT recipe first, or on SLURM chain both: affinage submit RECIPE "
+        f"--pipeline prepare,sft,{r.task},eval --from-recipe SFT_RECIPE"
+    )
+    return f"starts from     SFT run {p.from_run} (start: {p.start}; {state})"
 
 
 def _throughput_lines(plan: Plan) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -23,3 +25,21 @@ training: {{global_batch_size: 8, micro_batch_size: 1, duration: 10 steps, learn
         encoding="utf-8",
     )
     return path
+
+
+def last_step(run: Path) -> int:
+    """The last step logged in ``run/metrics.jsonl`` (-1 before the first)."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return -1
+    steps = [json.loads(line).get("step", -1) for line in path.read_text().splitlines() if line.strip()]
+    return max(steps, default=-1)
+
+
+def wait_until(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")

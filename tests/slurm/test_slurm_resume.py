@@ -8,31 +8,13 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
-from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from slurm_helpers import last_step, wait_until
 
 from affinage.slurm.status import read_events, run_status, wait_for_job
 from affinage.slurm.submit import submit
-
-
-def last_step(run: Path) -> int:
-    path = run / "metrics.jsonl"
-    if not path.exists():
-        return -1
-    steps = [json.loads(line).get("step", -1) for line in path.read_text().splitlines() if line.strip()]
-    return max(steps, default=-1)
-
-
-def wait_until(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_signal_requeue_resume_twice_equals_uninterrupted(tmp_path, local_cluster, tiny_llama_dir, demo_data):

@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 from affinage.recipe.loader import dump_resolved, load_recipe
 from affinage.run import RunDir
+from affinage.runlock import check_run_dir
 from affinage.train.tasks import train
 from affinage.train.trainer import STOP_FILE
 
@@ -149,6 +150,8 @@ def test_dpo_stop_then_resume_equals_uninterrupted_bitwise_and_reuses_reference_
     run = RunDir.create(recipe.run_dir())
     first = train(recipe, run, callbacks=[StopAt(run, 5)])
     assert not first.completed and first.steps == 6
+    check_run_dir(run.root, recipe.name)  # `affinage train` resumes here: TRL's README.md is not left in checkpoints/
+    assert sorted(p.name for p in run.checkpoints.iterdir()) == ["checkpoint-4", "checkpoint-6"]
     cached = sorted((run.root / "reference").glob("*.npz"))
     assert [p.name.split("-")[0] for p in cached] == ["eval", "train"]
     second = train(recipe, run)

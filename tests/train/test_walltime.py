@@ -76,7 +76,8 @@ class FakeClock:
         return self.t
 
 
-def drive(cb: wt.WalltimeCallback, clock: FakeClock, *, max_steps: int, step_s: float, save_s: float, start_step: int = 0):
+def drive(cb: wt.WalltimeCallback, clock: FakeClock, *, max_steps: int, step_s, save_s: float, start_step: int = 0,
+          intervals: list | None = None):
     """The Trainer's order: step_end, then (when asked) the save and on_save; returns saved steps."""
     state = SimpleNamespace(global_step=start_step, max_steps=max_steps)
     args = SimpleNamespace()
@@ -85,9 +86,11 @@ def drive(cb: wt.WalltimeCallback, clock: FakeClock, *, max_steps: int, step_s: 
     saved = []
     while state.global_step < max_steps:
         control = TrainerControl()
-        clock.t += step_s
+        clock.t += step_s(state.global_step) if callable(step_s) else step_s
         state.global_step += 1
         cb.on_step_end(args, state, control)
+        if intervals is not None:
+            intervals.append(cb.interval)
         if control.should_save:
             clock.t += save_s
             saved.append(state.global_step)
@@ -111,6 +114,21 @@ def test_callback_saves_to_bound_lost_work_and_records_why(tmp_path):
     assert timing["save_interval_steps"] == 25 and timing["lost_work_s"] == pytest.approx(60.0)
     assert [d["decision"] for d in timing["decisions"]] == ["save every 30 steps", "save every 25 steps"]
     assert all(d["why"] for d in timing["decisions"])
+
+
+def test_a_slowing_machine_moves_the_interval_every_step_but_says_so_only_past_10_percent(tmp_path):
+    """Step time up 1% a step (a node getting busier): the bound follows at once, the console does not churn."""
+    run = RunDir.create(tmp_path / "run")
+    clock = FakeClock()
+    cb = wt.WalltimeCallback(run, max_lost_minutes=10.0, save_every=None, exit_margin_s=0, clock=clock, end_time=(None, "test"))
+    intervals: list = []
+    drive(cb, clock, max_steps=120, step_s=lambda i: 2.0 * 1.01 ** i, save_s=1.0, intervals=intervals)
+    changes = sum(1 for a, b in zip(intervals, intervals[1:]) if a is not None and b != a)
+    said = [int(d["decision"].split()[2]) for d in json.loads(run.timing.read_text())["sessions"][-1]["decisions"]
+            if d["decision"].startswith("save every")]
+    assert changes >= 40 and len(said) <= changes // 3, (changes, said)  # 1 change in 3 said at most
+    assert all(abs(b - a) > 0.1 * a for a, b in zip(said, said[1:])), said
+    assert intervals[-1] <= said[-1]  # the interval in force is never longer than the one last said
 
 
 def test_callback_stops_before_the_end_even_without_a_signal(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from affinage.eval.results import RESULTS_FILE, eval_dir
+from affinage.eval.results import RESULTS_FILE, counted, eval_dir
 
 def _console_verdict(d: dict) -> str:
     if d.get("too_few"):
@@ -34,9 +34,9 @@ def format_results(results: dict) -> str:
             d = e["delta"]["acc"]
             line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
                      f"({_console_verdict(d)})   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  "
-                     f"({e['items']} items, chance {e['chance']:.3f})")
+                     f"({counted(e, 'items', 'items')}, chance {e['chance']:.3f})")
         else:
-            line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({e['items']} items, chance {e['chance']:.3f})"
+            line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({counted(e, 'items', 'items')}, chance {e['chance']:.3f})"
         lines.append(line)
     for e in results.get("extractive", []):
         b, t = e.get("base"), e.get("tuned")

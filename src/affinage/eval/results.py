@@ -14,6 +14,12 @@ RESULTS_FILE = "results.json"
 DETAILS_FILE = "details.jsonl"
 
 
+def counted(e: dict, count_key: str, noun: str = "") -> str:
+    """``557`` or ``557 passages in 20 groups`` (groups are what the bootstrap resamples): console and report alike."""
+    n = f"{e[count_key]} {noun}".rstrip()
+    return f"{n} in {e['groups']} groups" if e.get("groups") is not None else n
+
+
 def eval_dir(root: Path) -> Path:
     from affinage.run import RunDir
 

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from affinage.eval.results import eval_dir, read_results
+from affinage.eval.results import counted, eval_dir, read_results
 from affinage.provenance import plots
 
 REPORT_FILE = "report.md"  # RunDir.report
@@ -35,9 +35,7 @@ def _too_few(d: dict) -> str | None:
     return f"too few to tell ({units})"
 
 
-def _units(e: dict, count_key: str) -> str:
-    """``557`` or ``557 in 20 groups`` (groups are what the bootstrap resamples)."""
-    return f"{e[count_key]} in {e['groups']} groups" if e.get("groups") is not None else str(e[count_key])
+_units = counted  # affinage.eval.results: one wording for the console and the report
 
 
 def ppl_verdict(e: dict) -> str:

@@ -32,20 +32,26 @@ def cmd_submit(args) -> int:
             run_dir=args.run_dir,
             dry_run=args.dry_run,
             grace_s=args.grace,
+            after=args.after or (),
+            from_recipe=args.from_recipe,
         )
     except (ProfileError, SubmitError) as e:
         print(f"affinage: error: {e}", file=sys.stderr)
         return 2
     print(f"run dir   {result.run_dir}")
+    if result.sft_run_dir is not None:
+        print(f"sft run   {result.sft_run_dir}  (trained first; its jobs are recorded there too)")
     if len(result.run_dirs) > 1:
         print(f"sweep     {len(result.run_dirs)} members: {result.run_dir}/sweep-<i>")
+    width = max(9, *(len(stage) for stage in result.scripts))
     for stage, script in result.scripts.items():
         job = result.job_ids.get(stage, "not submitted (--dry-run)")
-        print(f"{stage:<9} {script}  job {job}")
+        print(f"{stage:<{width}} {script}  job {job}")
     if args.dry_run:
-        print("would run (in RUN_DIR/slurm):")
-        for command in result.commands:
-            print("  " + " ".join(command))
+        chained = result.sft_run_dir is not None
+        print("would run (in RUN_DIR/slurm):" if not chained else "would run (each in the slurm/ folder of its run dir):")
+        for command, folder in zip(result.commands, result.command_dirs):
+            print("  " + " ".join(command) + (f"    # in {folder}" if chained else ""))
     else:
         print(f"follow    affinage status {result.run_dir}")
     return 0
@@ -91,8 +97,13 @@ def add_commands(subparsers) -> None:
     c.add_argument("--account", help="project or account to charge (Jean Zay: PROJECT, charged PROJECT@h100)")
     c.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe key (repeatable)")
     c.add_argument("--sweep", action="append", metavar="KEY=V1,V2", help="one job per value, as a job array (repeatable: grid)")
-    c.add_argument("--pipeline", default="train", help="stages, in order, e.g. prepare,train,eval (default: train)")
+    c.add_argument("--pipeline", default="train", help="stages, in order, e.g. prepare,train,eval (default: train); "
+                   "a DPO/KTO recipe after its SFT run: prepare,sft,dpo,eval with --from-recipe")
     c.add_argument("--run-dir", help="run directory (default: the recipe's output.dir)")
+    c.add_argument("--after", action="append", metavar="JOBID", help="the first job waits (afterok) for this job of an "
+                   "earlier submission: 123 or an array task 123_4 (repeatable)")
+    c.add_argument("--from-recipe", metavar="SFT_RECIPE", help="with --pipeline ...,sft,dpo (or kto): the SFT recipe trained "
+                   "first; its output.dir must be the DPO/KTO recipe's preference.from_run")
     c.add_argument("--grace", type=int, help="seconds between the USR1 stop warning and the time limit (default: profile's; 0: no signal). An upper bound: the trainer also stops on its own clock, from measured step and save times")
     c.add_argument("--dry-run", action="store_true", help="write the scripts and resolved recipes, submit nothing")
     c.set_defaults(func=cmd_submit)

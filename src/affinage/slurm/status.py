@@ -3,7 +3,9 @@
 ``jobs.jsonl`` is append-only: ``affinage submit`` writes one ``submitted`` line per stage (job id,
 dependency, run directories), and the batch script writes ``started``, ``requeued``, ``terminated``
 (SIGTERM: the trainer checkpointed and exited 4) and ``ended``
-lines with ``SLURM_RESTART_COUNT``. It outlives SLURM's memory of finished jobs (``MinJobAge``;
+lines with ``SLURM_RESTART_COUNT``. The ``submitted`` line of a job of a chained SFT run (``--pipeline
+prepare,sft,dpo``) is copied into the DPO run's file with ``recorded_in``: the SFT run directory,
+whose file has that job's own lines. It outlives SLURM's memory of finished jobs (``MinJobAge``;
 ``sacct`` needs a database that small clusters lack), so :func:`run_status` falls back to it.
 """
 
@@ -194,11 +196,13 @@ def run_status(run_dir: str | os.PathLike, env: Optional[Mapping[str, str]] = No
         records = {r.array_task or "": r for r in job_records(sub["job_id"], job_env)}
         run_dirs = [Path(p) for p in sub.get("run_dirs", [run_dir])]
         labels = sub.get("labels") or [""] * len(run_dirs)
+        # a chained SFT job is recorded in its own run's file (submit --pipeline ...,sft,...)
+        recorded = read_events(sub["recorded_in"]) if sub.get("recorded_in") else events
         for task, member in enumerate(run_dirs):
             key = str(task) if sub.get("array") else ""
             mine = [
                 e
-                for e in events
+                for e in recorded
                 if e.get("event") != "submitted"
                 and e.get("stage") == sub["stage"]
                 and (e.get("array_job_id") or e.get("job_id")) == sub["job_id"]

@@ -189,12 +189,21 @@ def _kl_rotation(dataset, batch_size: int):
     return dataset.map(add, batched=True, batch_size=batch_size)
 
 
+class _NoTrlModelCard:
+    """TRL's trainers write a model card README.md into output_dir (RUN_DIR/checkpoints) at every save:
+    a file there that is not a checkpoint makes the run directory check refuse the resume (a requeued
+    job failed on it). affinage writes its own model card into final/."""
+
+    def create_model_card(self, *args, **kwargs) -> None:
+        return None
+
+
 def trainer_classes(task: str):
     """(TRL trainer subclass fed by affinage's cache, its config class) for ``task``."""
     if task == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        class AffinageDPOTrainer(DPOTrainer):
+        class AffinageDPOTrainer(_NoTrlModelCard, DPOTrainer):
             def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
                 return dataset  # already tokenized by affinage prepare (prompt_ids/chosen_ids/rejected_ids)
 
@@ -204,7 +213,7 @@ def trainer_classes(task: str):
         return AffinageDPOTrainer, DPOConfig
     from trl import KTOConfig, KTOTrainer
 
-    class AffinageKTOTrainer(KTOTrainer):
+    class AffinageKTOTrainer(_NoTrlModelCard, KTOTrainer):
         def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
             if self.calculate_KL:
                 dataset = _kl_rotation(dataset, args.per_device_train_batch_size)

@@ -267,6 +267,7 @@ class WalltimeCallback(TrainerCallback):
         self.steps_seen = 0
         self.last_save_step = 0
         self.interval: Optional[int] = None
+        self.announced: Optional[int] = None  # the interval last printed and recorded
         self.stopped_at: Optional[int] = None
         self.probing = False
         self.decisions: list[dict] = []
@@ -360,10 +361,13 @@ class WalltimeCallback(TrainerCallback):
         why_stop = ""
         if step_s is not None:
             n, why = save_interval(step_s, save_s or 0.0, self.max_lost_s, self.save_every)
-            # shorter at once (the bound must hold), longer only past 10% (no churn on noise)
+            # shorter at once (the bound must hold), longer only past 10% (no churn on noise); said (console and
+            # timing.json) only when it moved 10% from what was last said: a slowing machine shrinks it every step
             if self.interval is None or n < self.interval or n > 1.1 * self.interval:
                 self.interval = n
-                self._decide(step, f"save every {n} steps", why)
+                if self.announced is None or abs(n - self.announced) > 0.1 * self.announced:
+                    self.announced = n
+                    self._decide(step, f"save every {n} steps", why)
             want_save = step - self.last_save_step >= n
             if self.end is not None and not self.save_times and self.prior_source != "previous session":
                 want_save = True  # the clock stop needs a real save time: measure one now, once per run
