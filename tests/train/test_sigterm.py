@@ -20,7 +20,7 @@ from affinage.train.trainer import train
 from test_train_e2e import write_recipe
 from testlib import REPO
 
-STEPS = 40
+STEPS = 20
 
 
 def _env() -> dict:
