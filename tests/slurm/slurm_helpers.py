@@ -43,3 +43,14 @@ def wait_until(predicate, timeout: float, what: str) -> None:
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def assert_same_final_weights(ref_run: Path, cut_run: Path, file: str, why: str) -> None:
+    """Every tensor of ``final/<file>`` bitwise equal between an uninterrupted run and a cut one."""
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = load_file(ref_run / "final" / file), load_file(cut_run / "final" / file)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs {why}"

@@ -12,9 +12,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
-from slurm_helpers import last_step, wait_until
+from slurm_helpers import assert_same_final_weights, last_step, wait_until
 
 from affinage.slurm.status import read_events, run_status, wait_for_job
 from affinage.slurm.submit import submit
@@ -67,11 +65,7 @@ def test_dpo_stage_requeued_by_usr1_ends_bitwise_equal_and_reuses_its_reference(
     assert cache and all(ev["hit"] for ev in cache), cache  # the requeued job read the cached reference log-probs
     assert run_status(cut_run)[0]["restarts"] == 1
 
-    a = load_file(ref_run / "final" / "adapter_model.safetensors")
-    b = load_file(cut_run / "final" / "adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after a USR1 requeue at step {cut_at}"
+    assert_same_final_weights(ref_run, cut_run, "adapter_model.safetensors", f"after a USR1 requeue at step {cut_at}")
 
 
 @pytest.mark.slow  # five chained SLURM jobs and a requeue: 120 s here

@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-import torch
-from safetensors.torch import load_file
-from slurm_helpers import last_step, wait_until
+from slurm_helpers import assert_same_final_weights, last_step, wait_until
 
 from affinage.slurm.status import read_events, run_status, wait_for_job
 from affinage.slurm.submit import submit
@@ -55,8 +53,4 @@ training: {{global_batch_size: 4, micro_batch_size: 2, duration: 150 steps, lear
     assert summary["slurm"]["restart_count"] == 2 and summary["slurm"]["job_id"] == job
     assert run_status(cut_run)[0]["restarts"] == 2
 
-    a = load_file(ref_run / "final" / "model.safetensors")
-    b = load_file(cut_run / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after two requeues (cut at steps {cut_at})"
+    assert_same_final_weights(ref_run, cut_run, "model.safetensors", f"after two requeues (cut at steps {cut_at})")

@@ -15,8 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
+from slurm_helpers import assert_same_final_weights
 
 from affinage.run import RunDir
 from affinage.slurm.status import read_events, wait_for_job
@@ -76,11 +75,7 @@ training: {{global_batch_size: 4, micro_batch_size: 2, duration: {STEPS} steps, 
     summary = json.loads((cut_run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == STEPS and summary["slurm"]["restart_count"] == len(requeues)
 
-    a = load_file(ref_run / "final" / "model.safetensors")
-    b = load_file(cut_run / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after {len(requeues)} clock stops"
+    assert_same_final_weights(ref_run, cut_run, "model.safetensors", f"after {len(requeues)} clock stops")
 
     lines = [
         f"job {s.get('job_id')} restart {s['restart_count']}: steps {s['start_step']}->{s.get('end_step')}, "
