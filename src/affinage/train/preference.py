@@ -251,7 +251,8 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     from affinage.model.load import load_tokenizer
     from affinage.train import checkpoint as ckpt
     from affinage.train.callbacks import CompleteCheckpointCallback, MetricsFileCallback, ProgressBarCallback, StopRequestCallback
-    from affinage.train.trainer import STOP_FILE, TrainResult, _save_final, _training_arguments, steps_for_duration, world_size_from_env
+    from affinage.train.trainer import (STOP_FILE, TrainResult, _training_arguments, save_final_and_list_outputs,
+                                        steps_for_duration, world_size_from_env)
 
     start_t = time.time()
     world_size = world_size or world_size_from_env()
@@ -322,12 +323,7 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     if eval_ds is not None and completed:
         eval_metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
         eval_loss = eval_metrics.get("eval_loss")
-    outputs: dict[str, str] = {"run_dir": str(run.root), "checkpoints": str(run.checkpoints)}
-    if completed:
-        _save_final(trainer, tokenizer, run, is_main)
-        outputs["final"] = str(run.final)
-    outputs["metrics"] = str(run.metrics)
-    outputs["tensorboard"] = str(run.tensorboard)
+    outputs = save_final_and_list_outputs(trainer, tokenizer, run, is_main, completed)
     losses = [m["loss"] for m in run.read_metrics() if "loss" in m]
     n_train = len(data.train)
     result = TrainResult(

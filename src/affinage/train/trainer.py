@@ -352,12 +352,7 @@ def train(
         if data.heldout is not None and completed:
             eval_loss = float(trainer.evaluate()["eval_loss"])
 
-        outputs: dict[str, str] = {"run_dir": str(run.root), "checkpoints": str(run.checkpoints)}
-        if completed:
-            _save_final(trainer, tokenizer, run, is_main)
-            outputs["final"] = str(run.final)
-        outputs["metrics"] = str(run.metrics)
-        outputs["tensorboard"] = str(run.tensorboard)
+        outputs = save_final_and_list_outputs(trainer, tokenizer, run, is_main, completed)
 
         losses = [m["loss"] for m in run.read_metrics() if "loss" in m]
         tokens = int(trainer.state.num_input_tokens_seen)
@@ -457,6 +452,17 @@ def _checkpoint_size(path) -> str:
     if path is None:
         return "the size of the model and optimizer states"
     return human_bytes(sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()))
+
+
+def save_final_and_list_outputs(trainer, tokenizer, run: RunDir, is_main: bool, completed: bool) -> dict[str, str]:
+    """Write ``final/`` when the run completed; the run's outputs for the summary, in the order printed."""
+    outputs = {"run_dir": str(run.root), "checkpoints": str(run.checkpoints)}
+    if completed:
+        _save_final(trainer, tokenizer, run, is_main)
+        outputs["final"] = str(run.final)
+    outputs["metrics"] = str(run.metrics)
+    outputs["tensorboard"] = str(run.tensorboard)
+    return outputs
 
 
 def _save_final(trainer, tokenizer, run: RunDir, is_main: bool) -> None:
