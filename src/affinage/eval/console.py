@@ -4,12 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from affinage.eval.results import RESULTS_FILE, counted, eval_dir
+from affinage.eval.results import RESULTS_FILE, change_text, counted, eval_dir
 
 def _console_verdict(d: dict) -> str:
     if d.get("too_few"):
         return f"too few to tell: {d['n_groups']} groups" if "n_groups" in d else f"too few to tell: {d['n']} units"
     return "real" if d["excludes_zero"] else "not established"
+
+
+def _change(d: dict) -> str:
+    """``+0.100 [-0.079, +0.265] (not established)``: a paired change, its interval and the verdict."""
+    return f"{change_text(d)} ({_console_verdict(d)})"
 
 
 def format_results(results: dict) -> str:
@@ -32,8 +37,7 @@ def format_results(results: dict) -> str:
         line = f"{e['name']:<20} {e['role']:<10} acc "
         if b and t:
             d = e["delta"]["acc"]
-            line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] "
-                     f"({_console_verdict(d)})   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  "
+            line += (f"{b['acc']:.3f} → {t['acc']:.3f}  {_change(d)}   acc_norm {b['acc_norm']:.3f} → {t['acc_norm']:.3f}  "
                      f"({counted(e, 'items', 'items')}, chance {e['chance']:.3f})")
         else:
             line += f"{t['acc']:.3f}   acc_norm {t['acc_norm']:.3f}  ({counted(e, 'items', 'items')}, chance {e['chance']:.3f})"
@@ -43,10 +47,10 @@ def format_results(results: dict) -> str:
         line = f"{e['name']:<20} {e['role']:<10} exact "
         if b and t:
             d = e["delta"]["f1"]
-            line += (f"{b['exact']:.3f} → {t['exact']:.3f}   f1 {b['f1']:.3f} → {t['f1']:.3f}  {d['delta']:+.3f} "
-                     f"[{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] ({_console_verdict(d)})  ({e['items']} items)")
+            line += (f"{b['exact']:.3f} → {t['exact']:.3f}   f1 {b['f1']:.3f} → {t['f1']:.3f}  {_change(d)}  "
+                     f"({counted(e, 'items', 'items')})")
         else:
-            line += f"{t['exact']:.3f}   f1 {t['f1']:.3f}  ({e['items']} items)"
+            line += f"{t['exact']:.3f}   f1 {t['f1']:.3f}  ({counted(e, 'items', 'items')})"
         lines.append(line)
     if results.get("generation"):
         lines.append(f"{'generation':<20} {len(results['generation'])} prompts (see the report)")

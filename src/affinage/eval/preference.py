@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
+from affinage.eval.results import change_text
 from affinage.eval.stats import mean_ci, paired_mean_delta
 
 PREFERENCE_TASKS = ("dpo", "kto")
@@ -176,7 +177,7 @@ def format_line(e: dict) -> str:
         verdict = "real" if d["excludes_zero"] else "not established"
         dn = e["delta"]["accuracy_norm"]
         return (f"{'preference':<20} {e['pairs']} pairs  accuracy {b['accuracy']:.3f} → {t['accuracy']:.3f}  "
-                f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] ({verdict}); per token "
-                f"{b['accuracy_norm']:.3f} → {t['accuracy_norm']:.3f} {dn['delta']:+.3f} [{dn['ci_low']:+.3f}, {dn['ci_high']:+.3f}]; reward margin "
-                f"{e['reward_margin']['value']:+.3f} [{e['reward_margin']['ci_low']:+.3f}, {e['reward_margin']['ci_high']:+.3f}]")
+                f"{change_text(d)} ({verdict}); per token "
+                f"{b['accuracy_norm']:.3f} → {t['accuracy_norm']:.3f} {change_text(dn)}; reward margin "
+                f"{change_text(e['reward_margin'], key='value')}")
     return f"{'preference':<20} {e['pairs']} pairs  accuracy {t['accuracy']:.3f}  margin {t['margin']:+.3f}"

@@ -14,6 +14,11 @@ RESULTS_FILE = "results.json"
 DETAILS_FILE = "details.jsonl"
 
 
+def change_text(d: dict, digits: int = 3, key: str = "delta") -> str:
+    """``+0.100 [-0.079, +0.265]``: a change (or value) and its interval, as console and reports print it."""
+    return f"{d[key]:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
+
+
 def counted(e: dict, count_key: str, noun: str = "") -> str:
     """``557`` or ``557 passages in 20 groups`` (groups are what the bootstrap resamples): console and report alike."""
     n = f"{e[count_key]} {noun}".rstrip()

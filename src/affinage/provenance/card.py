@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 import yaml
 
+from affinage.eval.results import change_text, counted
+
 TODO = "**[TO COMPLETE: {}]**"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 
@@ -252,8 +254,8 @@ def _eval_lines(results: dict) -> list[str]:
                     "|---|---:|---|---|---|"]
             for e in items:
                 d = e["delta"]["acc"]
-                out.append(f"| {e['name']} | {e['items']} | {e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | "
-                           f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
+                out.append(f"| {e['name']} | {counted(e, 'items')} | {e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | "
+                           f"{change_text(d)} | "
                            f"{e['base']['acc_norm']:.3f} → {e['tuned']['acc_norm']:.3f} |")
         else:
             out += ["| set | items | acc | acc_norm |", "|---|---:|---:|---:|"]

@@ -7,6 +7,7 @@ from typing import Optional
 
 import numpy as np
 
+from affinage.eval.results import change_text
 from affinage.provenance.plots import BASE_COLOR, TUNED_COLOR, _plt, _save
 
 
@@ -25,13 +26,13 @@ def report_section(e: dict, root: Path, images: Path) -> list[str]:
         rm, ra = e["reward_margin"], e["reward_accuracy"]
         out += ["| pairs | accuracy before → after | change [95% interval] | verdict | log-lik. margin before → after | change [95% interval] | reward margin [95% interval] | reward > 0 |",
                 "|---:|---|---|---|---|---|---|---:|",
-                f"| {e['pairs']} | {b['accuracy']:.3f} → {t['accuracy']:.3f} | {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
+                f"| {e['pairs']} | {b['accuracy']:.3f} → {t['accuracy']:.3f} | {change_text(d)} | "
                 f"{'real' if d['excludes_zero'] else 'not established'} | {b['margin']:+.2f} → {t['margin']:+.2f} | "
-                f"{dm['delta']:+.2f} [{dm['ci_low']:+.2f}, {dm['ci_high']:+.2f}] | {rm['value']:+.3f} [{rm['ci_low']:+.3f}, {rm['ci_high']:+.3f}] | "
+                f"{change_text(dm, 2)} | {change_text(rm, key='value')} | "
                 f"{ra['value']:.3f} |", "",
                 f"Per-token accuracy (mean log-likelihood per completion token, which does not favour the shorter reply): "
-                f"{b['accuracy_norm']:.3f} → {t['accuracy_norm']:.3f}, change {dn['delta']:+.3f} [{dn['ci_low']:+.3f}, "
-                f"{dn['ci_high']:+.3f}] ({'real' if dn['excludes_zero'] else 'not established'}).\n"]
+                f"{b['accuracy_norm']:.3f} → {t['accuracy_norm']:.3f}, change {change_text(dn)} "
+                f"({'real' if dn['excludes_zero'] else 'not established'}).\n"]
     else:
         out += ["| pairs | accuracy | log-likelihood margin |", "|---:|---:|---:|",
                 f"| {e['pairs']} | {t['accuracy']:.3f} | {t['margin']:+.2f} |", ""]

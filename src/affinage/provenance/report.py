@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from affinage.eval.results import counted, eval_dir, read_results
+from affinage.eval.results import change_text, counted, eval_dir, read_results
 from affinage.provenance import plots
 
 REPORT_FILE = "report.md"  # RunDir.report
@@ -153,9 +153,9 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
             for e in items:
                 da, dn = e["delta"]["acc"], e["delta"]["acc_norm"]
                 out.append(f"| {e['name']} | {e['role']} | {_units(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
-                           f"{e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | {da['delta']:+.3f} [{da['ci_low']:+.3f}, {da['ci_high']:+.3f}] | "
+                           f"{e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | {change_text(da)} | "
                            f"{mcq_verdict(da)} | {e['base']['acc_norm']:.3f} → {e['tuned']['acc_norm']:.3f} | "
-                           f"{dn['delta']:+.3f} [{dn['ci_low']:+.3f}, {dn['ci_high']:+.3f}] |")
+                           f"{change_text(dn)} |")
         else:
             out += ["| set | items | shots | chance | acc | acc_norm |", "|---|---:|---:|---:|---:|---:|"]
             for e in items:
@@ -179,7 +179,7 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
             for e in qa:
                 d = e["delta"]["f1"]
                 out.append(f"| {e['name']} | {e['role']} | {_units(e, 'items')} | {e['base']['exact']:.3f} → {e['tuned']['exact']:.3f} | "
-                           f"{e['base']['f1']:.3f} → {e['tuned']['f1']:.3f} | {d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | "
+                           f"{e['base']['f1']:.3f} → {e['tuned']['f1']:.3f} | {change_text(d)} | "
                            f"{mcq_verdict(d)} |")
         else:
             out += ["| set | items | exact | F1 |", "|---|---:|---:|---:|"]
@@ -217,7 +217,7 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
                     b = per.get("base", {}).get("metrics", {}).get(m)
                     t = per.get("tuned", {}).get("metrics", {}).get(m)
                     d = per.get("delta", {}).get(m)
-                    dd = f"{d['delta']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]" if d else ""
+                    dd = change_text(d) if d else ""
                     out.append(f"| {task} | {m} | {_f(b, 3)} | {_f(t, 3)} | {dd} |")
             out.append("")
 
