@@ -18,7 +18,8 @@ is a fresh process (clean peak RSS, no warm caches carried over); repeats are in
 - ``affinage``: its cache (BFD rows), padding-free micro-batches, per-segment attention, selective head.
 - one row per affinage switch: ``affinage-no-selective`` (full logits), ``affinage-no-packing``
   (``packing: none``: one sample per row, still padding-free), ``affinage-chunked`` (CPT:
-  ``training.loss.kind chunked``).
+  ``training.loss.kind chunked``); with ``--compile``, ``affinage-compile`` (``training.kernels.compile
+  on``: the HF Trainer's ``torch_compile`` through ``affinage.train.kernels``; compile time included).
 - ``llamafactory`` / ``axolotl``: their own CLIs in their own venvs (``bench/peers/install.sh``), on the
   same model folder and records, with packing that keeps samples apart; if one is not installed or
   fails, the row says why (its last error line).
@@ -274,8 +275,9 @@ def _worker_affinage(spec, tok, attn) -> dict:
 
     from affinage.data.collator import PackedCollator, PackedDataset
     from affinage.data.prepare import prepare
-    from affinage.recipe.schema import LossSpec, Recipe
+    from affinage.recipe.schema import KernelsSpec, LossSpec, Recipe
     from affinage.train.attention import use_varlen_attention
+    from affinage.train.kernels import apply_kernels
     from affinage.train.loss import AffinageTrainer
 
     setup, task = spec["setup"], spec["task"]
@@ -296,17 +298,24 @@ def _worker_affinage(spec, tok, attn) -> dict:
         torch.manual_seed(spec["seed"])
         model = get_peft_model(model, lora)
     impl = use_varlen_attention(model, spec["max_length"])
+    kernels = apply_kernels(model, KernelsSpec(compile="on" if setup == "affinage-compile" else "off", liger="auto"))
     micro = spec["batch"] if task != "cpt" else spec["cpt_micro"]
     args = TrainingArguments(**bp.common_args(tempfile.mkdtemp(prefix="bench-aff-"), micro, spec["batch"] // micro,
-                                              spec["seed"], spec["epochs"]), remove_unused_columns=False)
+                                              spec["seed"], spec["epochs"]), remove_unused_columns=False,
+                             **kernels.training_arguments())
     loss = LossSpec(kind="chunked", chunk_tokens=spec["chunk_tokens"]) if setup == "affinage-chunked" else None
     trainer = AffinageTrainer(model=model, args=args, train_dataset=PackedDataset(cache.train),
                               data_collator=PackedCollator(tok.pad_token_id, task=task),
                               selective_loss=setup != "affinage-no-selective", loss_spec=loss)
     bp._quiet(trainer)
     timer = _measured(trainer, spec["warmup"])
+    cpu0 = time.process_time()
     out = trainer.train()
-    return {**_result(trainer, timer, out, spec["warmup"]), "attn": impl, "micro_batch": micro, "rows": len(cache.train)}
+    cpu = time.process_time() - cpu0
+    from torch._dynamo.utils import counters
+
+    return {**_result(trainer, timer, out, spec["warmup"]), "attn": impl, "micro_batch": micro, "rows": len(cache.train),
+            "train_cpu_s": cpu, "kernels": kernels.line(), "compiled_graphs": counters["stats"].get("unique_graphs", 0)}
 
 
 # ---------------------------------------------------------------------------------------- peers
@@ -452,6 +461,8 @@ def setups_for(task: str, a, method: str = "full") -> list[str]:
         rows = ["trl", "affinage", "affinage-chunked", "affinage-no-packing"]
     if a.trl_defaults:
         rows.insert(1, "trl-defaults")
+    if a.compile:
+        rows.insert(rows.index("affinage") + 1, "affinage-compile")
     peers = [p for p in a.peers.split(",") if p] if (method == "lora" or a.peers_on_all) else []
     return rows + peers
 
@@ -483,6 +494,7 @@ def main(argv=None) -> int:
     p.add_argument("--peers", default="llamafactory,axolotl", help="comma list (empty: none)")
     p.add_argument("--peers-on-all", action="store_true", help="peers on every task (default: LoRA SFT only)")
     p.add_argument("--trl-defaults", action="store_true", help="also run SFTTrainer with its defaults (slow on CPU)")
+    p.add_argument("--compile", action="store_true", help="also run affinage-compile (torch.compile; minutes of compile on CPU)")
     p.add_argument("--only", default="", help="comma list of set-ups to run (default: all)")
     p.add_argument("--threads", type=int, default=0, help="torch threads per run (0: all cores of this process)")
     p.add_argument("--quick", action="store_true")

@@ -358,6 +358,17 @@ class LossSpec(Strict):
                                                                "on CUDA when installed, else the chunked PyTorch path")
 
 
+class KernelsSpec(Strict):
+    """Faster kernels for the same computation (``affinage.train.kernels``); each tested equal to the plain path."""
+
+    liger: Literal["auto", "on", "off"] = Field("auto", description="Liger's Triton RMSNorm, RoPE and SwiGLU, applied to "
+                                                "this model instance only (llama, mistral, qwen2, qwen3). auto: on with CUDA "
+                                                "and liger-kernel installed (pip install 'affinage[gpu]'), else off")
+    compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile the model (the HF Trainer's torch_compile). "
+                                                  "auto: off — measured slower on CPU (compile time, recompiles on packed rows "
+                                                  "of varying length), not yet measured on GPU; on: compile (sft/cpt)")
+
+
 class TrainingSpec(Strict):
     global_batch_size: int = Field(description="sequences per optimizer step, summed over all GPUs and accumulation")
     micro_batch_size: int = Field(1, description="sequences per forward pass on one GPU")
@@ -372,6 +383,7 @@ class TrainingSpec(Strict):
     adam_beta2: float = 0.999
     gradient_checkpointing: bool = False
     loss: LossSpec = Field(default_factory=LossSpec)
+    kernels: KernelsSpec = Field(default_factory=KernelsSpec)
     logging_steps: int = 1
     save_every: Optional[int] = Field(None, description="checkpoint every N optimizer steps (default: only at the end)")
     keep_checkpoints: int = Field(2, description="complete checkpoints kept on disk (oldest deleted first)")
@@ -699,6 +711,7 @@ RESUMABLE_FIELDS = frozenset({
     "name", "description", "output", "eval", "card",
     "training.duration", "training.logging_steps", "training.save_every", "training.keep_checkpoints",
     "training.eval_every", "training.report_to",
+    "training.kernels",  # how fast the same computation runs (tested equal to the plain path), not what it trains
     "model.mirrors", "data.num_proc", "data.cache_dir",
     "distributed.offload_optimizer", "distributed.offload_params",
 })
@@ -749,6 +762,11 @@ class Recipe(Strict):
                 "distributed.offload_params: false; optimizer offload (offload_optimizer: true with zero2/zero3) is fine"
             )
         check_preference_recipe(self)
+        if self.task in ("dpo", "kto") and self.training.kernels.compile == "on":
+            raise ValueError(
+                f"training.kernels.compile: on with task: {self.task} — compiling TRL's preference trainers is not tested "
+                "by affinage; use compile: auto or off (liger applies to dpo/kto)"
+            )
         if self.training.micro_batch_size > self.training.global_batch_size:
             raise ValueError("training.micro_batch_size is larger than training.global_batch_size")
         if self.training.eval_every and self.data.heldout_fraction == 0:

@@ -70,6 +70,7 @@ class TrainResult:
     identity: str | None = None
     torn_metrics_lines: int = 0
     notes: list = field(default_factory=list)
+    kernels: dict = field(default_factory=dict)  # attention, loss, liger, torch.compile: what ran and why (train.kernels)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +174,7 @@ def train(
     from affinage.train import checkpoint as ckpt
     from affinage.train import identity as ident
     from affinage.train.attention import use_varlen_attention
+    from affinage.train.kernels import apply_kernels
     from affinage.train.loss import AffinageTrainer
     from affinage.train.callbacks import (
         CompleteCheckpointCallback,
@@ -287,8 +289,10 @@ def train(
         strategy = setup_distributed(recipe, run.root, world_size=world_size, accumulation=accumulation, resume_from=resume_from)
         # --------------------------------------------------------------------------------------------
         model = load_model(recipe)
-        use_varlen_attention(model, recipe.data.max_length)
-        args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=data.heldout is not None, strategy=strategy)
+        attention = use_varlen_attention(model, recipe.data.max_length)
+        kernels = apply_kernels(model, recipe.training.kernels)  # Liger on this instance; torch.compile via the arguments
+        args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=data.heldout is not None, strategy=strategy,
+                                   extra=kernels.training_arguments())
         trainer = strategy.trainer_class(AffinageTrainer)(  # strategy hook: FSDP2 on CPU, gathered save, runtime report
             model=model,
             args=args,
@@ -307,6 +311,10 @@ def train(
         )
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(ProgressBarCallback(desc=recipe.name))
+        kernel_report = {"attention": attention, "loss": f"chunked ({trainer.chunked['backend']})" if trainer.chunked else "plain",
+                         **kernels.as_dict()}
+        if is_main:
+            print(f"affinage: kernels: attention {attention}, loss {kernel_report['loss']}; {kernels.line()}")
         tokens_before = _tokens_at(resume_from)
         stop_before = _agreed(stop_before)  # every rank decides the same, whenever the file appeared
         if stop_before or stop.signal is not None:
@@ -378,6 +386,7 @@ def train(
             identity=current["identity"],
             torn_metrics_lines=torn,
             notes=[marker_note] if marker_note else [],
+            kernels=kernel_report,
         )
         if is_main:
             slurm = {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))} if "SLURM_JOB_ID" in os.environ else None
