@@ -6,10 +6,13 @@ bf16), packed rows of 4,096 tokens of random segments (every token a target, CPT
 affinage's own path (``model.load.load_model``, ``AffinageTrainer``, ``PackedCollator``):
 
 - tokens/s and MFU (``affinage.plan.training_flops_per_token`` / ``mfu``: the same FLOPs formula as
-  ``affinage plan``) of LoRA and full fine-tuning, each with kernels off (plain head + cross-entropy)
-  and on (Liger RMSNorm/RoPE/SwiGLU when installed + ``training.loss.kind chunked``, i.e. Cut
-  Cross-Entropy or Liger's fused linear CE when installed); attention: flash-attention 2 varlen
-  when ``flash_attn`` is installed, else affinage's per-segment SDPA;
+  ``affinage plan``) of LoRA and full fine-tuning, each with kernels off (``training.kernels.liger off``,
+  plain head + cross-entropy) and on (``liger auto``: Liger RMSNorm/RoPE/SwiGLU when installed, through
+  ``affinage.train.kernels`` as a run does, + ``training.loss.kind chunked``, i.e. Cut Cross-Entropy or
+  Liger's fused linear CE when installed); ``lora-compile``: the LoRA kernels case with
+  ``training.kernels.compile on`` (compile time is in its ``seconds``; ``--dry`` uses dynamo's eager
+  backend, which checks the wiring, not inductor); attention: flash-attention 2 varlen when
+  ``flash_attn`` is installed, else affinage's per-segment SDPA;
 - QLoRA 4-bit (bitsandbytes nf4) tokens/s;
 - packed == unpacked: per-token losses of a packed row vs its segments run alone (max |Δ|);
 - peak memory (``torch.cuda.max_memory_allocated``) vs ``affinage plan``'s estimate for the same job;
@@ -105,13 +108,13 @@ def save_random_model(folder: Path, shape: dict, dtype, device: str) -> Path:
     return folder
 
 
-def recipe_for(folder: Path, method: str, a, kernels: bool, data_file: Path):
+def recipe_for(folder: Path, method: str, a, kernels: bool, data_file: Path, compile_: bool = False):
     from affinage.recipe.schema import Recipe
 
     on_gpu = not a.dry
     attn = "flash_attention_2" if on_gpu and _has("flash_attn") else "sdpa"
     return Recipe.model_validate({
-        "name": f"gpu-{method}{'-kernels' if kernels else ''}", "task": "cpt", "seed": 0,
+        "name": f"gpu-{method}{'-kernels' if kernels else ''}{'-compile' if compile_ else ''}", "task": "cpt", "seed": 0,
         "model": {"name_or_path": str(folder), "dtype": "bfloat16" if on_gpu else "float32", "attn_implementation": attn},
         "method": {"kind": method, **({"lora": {"r": 16, "alpha": 32, "dropout": 0.0,
                                                 "targets": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}}
@@ -119,26 +122,13 @@ def recipe_for(folder: Path, method: str, a, kernels: bool, data_file: Path):
         "data": {"sources": [{"path": str(data_file)}], "max_length": a.length},
         "training": {"global_batch_size": a.accumulation, "micro_batch_size": 1, "duration": f"{a.steps} steps",
                      "gradient_checkpointing": method == "full" and on_gpu, "optimizer": "adamw_torch",
-                     "loss": {"kind": "chunked" if kernels else "plain"}},
+                     "loss": {"kind": "chunked" if kernels else "plain"},
+                     "kernels": {"liger": "auto" if kernels else "off", "compile": "on" if compile_ else "off"}},
     })
 
 
-def apply_liger(model) -> bool:
-    """Liger's RMSNorm/RoPE/SwiGLU kernels on the (PEFT-wrapped) Llama, head and loss left to training.loss."""
-    import torch
-
-    if not (torch.cuda.is_available() and _has("liger_kernel")):
-        return False
-    from liger_kernel.transformers import apply_liger_kernel_to_llama
-
-    from affinage.train.attention import base_model
-
-    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-                                model=base_model(model))
-    return True
-
-
-def train_case(name: str, folder: Path, method: str, kernels: bool, rows: list[dict], a, data_file: Path) -> dict:
+def train_case(name: str, folder: Path, method: str, kernels: bool, rows: list[dict], a, data_file: Path,
+               compile_: bool = False) -> dict:
     import torch
     from transformers import TrainingArguments
 
@@ -147,23 +137,28 @@ def train_case(name: str, folder: Path, method: str, kernels: bool, rows: list[d
     from affinage.model.load import load_model
     from affinage.plan import make_plan, mfu, training_flops_per_token
     from affinage.train.attention import use_varlen_attention
+    from affinage.train.kernels import apply_kernels
     from affinage.train.loss import AffinageTrainer
 
-    recipe = recipe_for(folder, method, a, kernels, data_file)
+    recipe = recipe_for(folder, method, a, kernels, data_file, compile_)
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     model = load_model(recipe, device_map={"": 0} if on_gpu and method != "qlora" else None)
-    liger = apply_liger(model) if kernels else False
     attn = use_varlen_attention(model, a.length)
     t = recipe.training
+    chosen = apply_kernels(model, t.kernels)  # the run's own path: Liger on this instance, compile via the arguments
+    compile_args = chosen.training_arguments()
+    if compile_args and a.dry:
+        compile_args["torch_compile_backend"] = "eager"  # CI: dynamo traces the real path; inductor's C++ build is minutes
     args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix=f"gpu-{name}-"), per_device_train_batch_size=1,
                              gradient_accumulation_steps=a.accumulation, max_steps=a.warmup + a.steps, learning_rate=1e-4,
                              lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to="none",
                              bf16=on_gpu, use_cpu=not on_gpu, remove_unused_columns=False, dataloader_num_workers=0,
                              disable_tqdm=True, gradient_checkpointing=t.gradient_checkpointing,
-                             gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None)
+                             gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
+                             **compile_args)
     trainer = AffinageTrainer(model=model, args=args, train_dataset=rows, data_collator=PackedCollator(2, task="cpt"),
                               loss_spec=t.loss)
     bp._quiet(trainer)
@@ -186,7 +181,10 @@ def train_case(name: str, folder: Path, method: str, kernels: bool, rows: list[d
     except Exception as e:  # the plan must not hide the measurement
         est = f"plan failed: {e}"
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    out = {"case": name, "method": method, "kernels": kernels, "liger_layers": liger, "attn": attn,
+    out = {"case": name, "method": method, "kernels": kernels, "liger": chosen.liger.on, "liger_why": chosen.liger.why,
+           "liger_modules": chosen.liger_modules, "compile": chosen.compile.on,
+           "compile_backend": compile_args.get("torch_compile_backend", "inductor") if compile_args else None,
+           "model_wrapped": type(trainer.model_wrapped).__name__, "attn": attn,
            "loss_backend": trainer.chunked["backend"] if trainer.chunked else "plain",
            "gradient_checkpointing": t.gradient_checkpointing, "tokens_per_s": s["tokens_per_s"], "s_per_step": s["s_per_step"],
            "steps_measured": s["steps_measured"], "flops_per_token": flops, "mfu": mfu(s["tokens_per_s"], flops, kind) if kind else None,
@@ -289,6 +287,9 @@ def trl_best(folder: Path, rows: list[dict], a) -> dict:
     return out
 
 
+DEFAULT_CASES = "lora,lora-kernels,full,full-kernels,qlora,parity,lora-compile,trl"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dry", action="store_true", help="CPU, tiny shapes: checks the whole script (CI)")
@@ -297,11 +298,15 @@ def main(argv=None) -> int:
     p.add_argument("--accumulation", type=int, default=2, help="rows per optimizer step")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=5, help="measured optimizer steps per case")
-    p.add_argument("--cases", default="lora,lora-kernels,full,full-kernels,qlora,parity,trl")
+    p.add_argument("--cases", default=None, help=f"comma list (default {DEFAULT_CASES}; --dry leaves out lora-compile, "
+                   "~45 s of dynamo tracing on 2 cores: tests/bench/test_gpu_dry.py runs it alone, marked slow). trl last: its "
+                   "use_liger_kernel rebinds modeling_llama's classes for the rest of the process")
     p.add_argument("--workdir", help="where the random model is saved (default: a temporary folder)")
     a = p.parse_args(argv)
     import torch
 
+    if a.cases is None:
+        a.cases = ",".join(c for c in DEFAULT_CASES.split(",") if not (a.dry and c == "lora-compile"))
     if a.dry:
         a.length, a.accumulation, a.warmup, a.steps = 64, 1, 1, 1
         torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -329,7 +334,8 @@ def main(argv=None) -> int:
                 r = {"skipped": "bitsandbytes not installed"}
             else:
                 method = case.split("-")[0]
-                r = train_case(case, folder, method, case.endswith("-kernels"), rows, a, data_file)
+                compiled = case.endswith("-compile")
+                r = train_case(case, folder, method, case.endswith("-kernels") or compiled, rows, a, data_file, compile_=compiled)
         except Exception as e:
             r = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
         r["seconds"] = time.perf_counter() - c0

@@ -36,6 +36,7 @@ class Plan:
     memory_full_finetune: MemoryEstimate | None = None  # LoRA recipes: the same run as a full fine-tune
     gpu: str | None = None  # GPU kind the fit verdicts are for (affinage.distributed.memory.GPU_MEMORY_GIB)
     flops_per_token: float = 0.0  # training FLOPs per token (``training_flops_per_token``)
+    kernels: str = ""  # what training.kernels resolves to (``affinage.train.kernels.plan_line``)
 
     def as_dict(self) -> dict:
         return {
@@ -58,6 +59,7 @@ class Plan:
             "fits": {k: v.fit(self.gpu)[0] for k, v in self.memory_by_strategy.items()} if self.gpu else None,
             "checkpoint_bytes": self.checkpoint_bytes,
             "flops_per_token": self.flops_per_token,
+            "kernels": self.kernels,
             "throughput": throughput(self.flops_per_token, self.gpu, self.world_size) if self.gpu else None,
             "notes": self.notes,
         }
@@ -307,7 +309,13 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         checkpoint = trainable * 4 * 3  # fp32 adapter + AdamW states
     flops = training_flops_per_token(linear_params=shape["params_linear"], layers=layers, hidden=hidden,
                                      seq_len=recipe.data.max_length, lora=recipe.method.kind in ("lora", "qlora"))
+    from affinage.train.kernels import plan_line
+
+    import torch
+
+    kernels = plan_line(recipe.training.kernels, config.model_type, on_cuda=gpu is not None or torch.cuda.is_available())
     return Plan(
+        kernels=kernels,
         flops_per_token=flops,
         recipe=recipe,
         model_path=str(path),
@@ -391,6 +399,7 @@ def format_plan(plan: Plan) -> str:
         *_strategy_table(plan),
         f"checkpoint      ≈ {human_bytes(plan.checkpoint_bytes)} each, {r.training.keep_checkpoints} kept",
         *_throughput_lines(plan),
+        *([f"kernels         {plan.kernels}"] if plan.kernels else []),
         f"run directory   {r.run_dir()}",
     ]
     lines += [f"note            {n}" for n in plan.notes]

@@ -12,13 +12,20 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_gpu_script_dry_runs_every_case(tmp_path):
+def _gpu_module():
     spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
     gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu)
+    return gpu
+
+
+def test_gpu_script_dry_runs_every_case(tmp_path):
+    gpu = _gpu_module()
     out = tmp_path / "dry.json"
     rc = gpu.main(["--dry", "--out", str(out), "--workdir", str(tmp_path / "work")])
     res = json.loads(out.read_text())
@@ -30,5 +37,19 @@ def test_gpu_script_dry_runs_every_case(tmp_path):
     assert cases["lora-kernels"]["loss_backend"] == "torch" and cases["lora"]["loss_backend"] == "plain"  # CPU: chunked torch path
     assert cases["full"]["flops_per_token"] > cases["lora"]["flops_per_token"] > 0
     assert cases["lora"]["attn"] == "affinage_varlen"
+    # kernels through the recipe key (affinage.train.kernels): liger auto resolves off on CPU and says why
+    assert not cases["lora-kernels"]["liger"] and "needs CUDA" in cases["lora-kernels"]["liger_why"]
+    assert cases["lora"]["liger_why"] == "training.kernels.liger off"
     assert "skipped" in cases["qlora"] or cases["qlora"]["tokens_per_s"] > 0
     assert cases["parity"]["equal"] and cases["parity"]["segments"] >= 2
+
+
+@pytest.mark.slow
+def test_gpu_script_dry_compile_case(tmp_path):
+    """~45 s on 2 cores: dynamo traces the LoRA kernels case (eager backend in --dry) through training.kernels.compile."""
+    out = tmp_path / "dry.json"
+    rc = _gpu_module().main(["--dry", "--cases", "lora-compile", "--out", str(out), "--workdir", str(tmp_path / "work")])
+    case = json.loads(out.read_text())["cases"]["lora-compile"]
+    assert rc == 0 and "error" not in case, case.get("error")
+    assert case["compile"] and case["model_wrapped"] == "OptimizedModule" and case["compile_backend"] == "eager"
+    assert case["tokens_per_s"] > 0 and case["final_loss"] is not None

@@ -62,3 +62,19 @@ def test_plan_memory_counts_one_chunk_of_logits_with_the_chunked_head(tiny_llama
     assert m_plain.logits == 1 * 512 * vocab * 4 * 2  # micro_batch 1 × max_length 512
     assert m_chunked.logits == 128 * vocab * 4 * 2
     assert m_plain.total - m_chunked.total == m_plain.logits - m_chunked.logits
+
+
+def test_plan_says_what_training_kernels_resolve_to(tiny_llama_dir, demo_data, tmp_path):
+    from affinage.plan import format_plan
+
+    r = recipe(tiny_llama_dir, demo_data, tmp_path)
+    here, h100 = make_plan(r, count_data=False), make_plan(r, count_data=False, gpu="h100")
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "on this machine (no CUDA): liger off (needs CUDA" in here.kernels and "torch.compile off" in here.kernels
+    assert h100.kernels.startswith("on a CUDA machine with liger-kernel: liger on") and "not measured on GPU" in h100.kernels
+    assert f"kernels         {h100.kernels}" in format_plan(h100) and here.as_dict()["kernels"] == here.kernels
+    r.training.kernels.liger = "on"
+    if not torch.cuda.is_available():
+        assert "liger would fail: training.kernels.liger on: needs CUDA" in make_plan(r, count_data=False).kernels

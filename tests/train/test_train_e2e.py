@@ -60,6 +60,10 @@ def test_lora_sft_loss_decreases_and_saves_adapter_only(tmp_path, pretrained_tin
     assert not (run.final / "model.safetensors").exists()
     summary = json.loads(run.summary.read_text())
     assert summary["gradient_accumulation"] == 2 and summary["tokens_seen"] > 0
+    k = summary["kernels"]  # what ran and why (affinage.train.kernels), training.kernels left at auto
+    assert k["attention"] == "affinage_varlen" and k["loss"] == "plain" and k["compile"]["on"] is False
+    if not torch.cuda.is_available():
+        assert k["liger"] == {"setting": "auto", "on": False, "why": "needs CUDA (Triton kernels); this machine has none"}
     stats = json.loads(run.data_stats.read_text())
     assert stats  # per-source statistics were written
 

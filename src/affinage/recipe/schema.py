@@ -368,6 +368,12 @@ class KernelsSpec(Strict):
                                                   "auto: off — measured slower on CPU (compile time, recompiles on packed rows "
                                                   "of varying length), not yet measured on GPU; on: compile (sft/cpt)")
 
+    @field_validator("liger", "compile", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):
+        """YAML 1.1 reads an unquoted on/off (and yes/no, true/false) as a boolean: they mean on/off here."""
+        return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
 
 class TrainingSpec(Strict):
     global_batch_size: int = Field(description="sequences per optimizer step, summed over all GPUs and accumulation")

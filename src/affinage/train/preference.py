@@ -288,6 +288,13 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
     reference = recipe.preference.resolved_reference(recipe.method.kind)
     model, peft_config = load_policy(policy_recipe, stack)
     ref_model = load_reference(policy_recipe, stack) if reference == "frozen_copy" else None
+    from affinage.train.kernels import apply_kernels, apply_liger
+
+    kernels = apply_kernels(model, recipe.training.kernels)  # Liger on these instances only (compile: sft/cpt, schema)
+    if kernels.liger.on and ref_model is not None:
+        apply_liger(ref_model)
+    if is_main:
+        print(f"affinage: kernels: {kernels.line()}")
 
     trainer_cls, config_cls = trainer_classes(recipe.task)
     train_ds = data.train.to_dataset()
@@ -296,7 +303,7 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
         eval_ds = data.heldout.to_dataset()
     # KTO trains on unpaired completions while its held-out split stays pairs: no Trainer eval then
     args = _training_arguments(recipe, run, max_steps, accumulation, has_eval=eval_ds is not None, strategy=strategy,
-                               args_class=config_cls, extra=preference_arguments(recipe, reference))
+                               args_class=config_cls, extra={**preference_arguments(recipe, reference), **kernels.training_arguments()})
 
     cls = strategy.trainer_class(trainer_cls)
     # the cache key and run dir reach the reference-log-prob cache before TRL's __init__ calls it
@@ -332,6 +339,7 @@ def train_preference(recipe: Recipe, run: RunDir, *, resume: bool = True, world_
         loss_first=losses[0] if losses else None, loss_last=losses[-1] if losses else None, eval_loss=eval_loss,
         seconds=round(time.time() - start_t, 2), world_size=world_size, gradient_accumulation=accumulation,
         train_samples=n_train, heldout_samples=len(data.heldout) if data.heldout is not None else 0, outputs=outputs,
+        kernels=kernels.as_dict(),
     )
     if is_main:
         slurm = ({"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", "0"))}
