@@ -7,11 +7,11 @@ patched, the loss and gradients stay bitwise equal, and no other model in the pr
 With ``liger_kernel`` importable (it imports without a GPU), the real pieces are bound and checked
 without running them.
 
-torch.compile (inductor on CPU, through the HF Trainer's ``torch_compile``): measured on 3 seeds of
-a 1-layer LoRA Llama on padding-free packed rows of varying length, the compiled and eager runs'
-step losses differed by at most 0 (bitwise equal on this CPU) and the LoRA gradients of one step by
-< 1e-6 relative to their largest entry; the tolerances below (1e-5 relative) leave room for another
-CPU's vectorisation.
+torch.compile (inductor on CPU, through the HF Trainer's ``torch_compile``): measured on seeds 0, 1, 2
+of a 1-layer LoRA Llama (B initialised random, so every LoRA gradient is non-zero) on padding-free
+packed rows of varying length, the compiled and eager step losses differed by at most 8.5e-8
+relative (seeds 1 and 2: bitwise equal) and one step's LoRA gradients by 2.6e-7 to 4.0e-7 relative to
+their largest entry; the tolerances below (1e-5 relative) leave 25× room for another CPU's vectorisation.
 """
 
 from __future__ import annotations
@@ -129,7 +129,8 @@ def test_compile_resolution_auto_is_off_with_the_reason_and_on_turns_on_the_trai
 def test_liger_patch_binds_every_module_of_the_instance_with_the_same_loss_and_gradients(model_type, norms_per_layer):
     from peft import LoraConfig, get_peft_model
 
-    model = get_peft_model(tiny(model_type), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "gate_proj"]))
+    model = get_peft_model(tiny(model_type), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "gate_proj"],
+                                                     init_lora_weights=False))  # B random: every LoRA gradient non-zero
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
     ref_loss, ref = loss_and_grads(model, ids)
     k = apply_kernels(model, KernelsSpec(liger="on"), on_cuda=True, functions=STAND_INS)
@@ -140,7 +141,7 @@ def test_liger_patch_binds_every_module_of_the_instance_with_the_same_loss_and_g
     assert CALLS == {"rms_norm": 2 * norms_per_layer + 1, "swiglu": 2, "rope": 2}  # the stand-ins really ran
     assert torch.equal(got_loss, ref_loss) and ref.keys() == got.keys() and all("lora_" in n for n in ref)
     for name, g in ref.items():
-        assert torch.equal(got[name], g), name
+        assert torch.equal(got[name], g) and float(g.abs().max()) > 0, name
 
 
 def test_liger_patch_leaves_other_models_and_the_transformers_module_alone():
@@ -222,7 +223,8 @@ def compile_vs_eager(seed: int) -> dict:
         torch._dynamo.reset()
         model = tiny(layers=1, seed=seed)
         torch.manual_seed(seed)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"],
+                                                 init_lora_weights=False))  # B random: every LoRA gradient non-zero
         use_varlen_attention(model, 256)
         kernels = apply_kernels(model, KernelsSpec(compile=compile_), on_cuda=False)
         args = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
@@ -239,7 +241,8 @@ def compile_vs_eager(seed: int) -> dict:
         return [h["loss"] for h in trainer.state.log_history if "loss" in h], grads, type(trainer.model_wrapped).__name__
 
     (le, ge, ke), (lc, gc, kc) = run("off"), run("on")
-    rel = {n: float((gc[n] - g).abs().max()) / float(g.abs().max()) for n, g in ge.items()} if ge.keys() == gc.keys() else None
+    rel = {n: float((gc[n] - g).abs().max()) / (float(g.abs().max()) or float("nan")) for n, g in ge.items()} \
+        if ge.keys() == gc.keys() else None  # a zero gradient gives nan: refused below
     return {"eager": le, "compiled": lc, "kinds": (ke, kc), "grad_rel": rel,
             "loss_rel": max(abs(a - b) / abs(a) for a, b in zip(le, lc)) if len(le) == len(lc) else None}
 
@@ -251,4 +254,4 @@ def test_compiled_lora_training_gives_the_eager_losses_and_gradients(seed):
     r = compile_vs_eager(seed)
     assert r["kinds"][1] == "OptimizedModule" and r["kinds"][0] != "OptimizedModule"
     assert len(r["eager"]) == len(r["compiled"]) == 3 and r["loss_rel"] <= 1e-5, r
-    assert r["grad_rel"] and max(r["grad_rel"].values()) <= 1e-5, r["grad_rel"]
+    assert r["grad_rel"] and all(v <= 1e-5 for v in r["grad_rel"].values()), r["grad_rel"]

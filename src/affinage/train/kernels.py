@@ -9,9 +9,10 @@
   Liger's RoPE, nothing else. The head and loss stay with ``training.loss`` (``train.loss``).
   Triton needs CUDA: ``auto`` is on with CUDA and the package installed, for the architectures below.
 - ``compile``: ``torch.compile`` through the HF Trainer's ``torch_compile`` (accelerate compiles the
-  model it prepares; saving unwraps it). ``auto`` is off: on CPU the compile time (~75 CPU-s for a
-  2-layer toy) and the recompiles that packed rows of varying length cause were never paid back
-  (bench/bench_sft.py ``affinage-compile``; docs/performance.md); on GPU it is not measured yet.
+  model it prepares; saving unwraps it). ``auto`` is off: on CPU, the bench's toy LoRA SFT ran 4.1×
+  (3.9–10.1) fewer samples per CPU-second compiled, compile time and the recompiles of packed rows of
+  varying length included (bench/bench_sft.py ``--compile``; docs/performance.md); on GPU it is not
+  measured yet, so it stays off there until it is.
 
 The choices are printed at the start and written to the run summary (``kernels``).
 """
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import inspect
 import types
 from dataclasses import asdict, dataclass
 from typing import Callable, Optional
@@ -131,9 +131,10 @@ def _rms_attributes(norm_class, module) -> dict:
 
 
 def _forward_with(fn, name: str, replacement):
-    """A copy of the function ``fn`` whose global ``name`` is ``replacement`` (the module is not touched)."""
-    fn = inspect.unwrap(fn)
-    if name not in fn.__code__.co_names:
+    """A copy of the function ``fn`` whose global ``name`` is ``replacement`` (the module is not touched).
+
+    None when ``fn`` does not call ``name`` or is a decorator's wrapper (a copy would drop the decorator)."""
+    if hasattr(fn, "__wrapped__") or name not in getattr(getattr(fn, "__code__", None), "co_names", ()):
         return None
     g = dict(fn.__globals__)
     g[name] = replacement
