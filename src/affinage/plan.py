@@ -309,9 +309,9 @@ def make_plan(recipe: Recipe, world_size: int = 1, count_data: bool = True, gpu:
         checkpoint = trainable * 4 * 3  # fp32 adapter + AdamW states
     flops = training_flops_per_token(linear_params=shape["params_linear"], layers=layers, hidden=hidden,
                                      seq_len=recipe.data.max_length, lora=recipe.method.kind in ("lora", "qlora"))
-    from affinage.train.kernels import plan_line
-
     import torch
+
+    from affinage.train.kernels import plan_line
 
     kernels = plan_line(recipe.training.kernels, config.model_type, on_cuda=gpu is not None or torch.cuda.is_available())
     return Plan(

@@ -255,3 +255,40 @@ def test_compiled_lora_training_gives_the_eager_losses_and_gradients(seed):
     assert r["kinds"][1] == "OptimizedModule" and r["kinds"][0] != "OptimizedModule"
     assert len(r["eager"]) == len(r["compiled"]) == 3 and r["loss_rel"] <= 1e-5, r
     assert r["grad_rel"] and all(v <= 1e-5 for v in r["grad_rel"].values()), r["grad_rel"]
+
+
+@pytest.mark.slow
+def test_a_run_with_compile_on_trains_saves_and_reports_it(tmp_path, tiny_llama_dir, demo_data):
+    """``train()`` end to end with ``training.kernels.compile: on``: the same losses as eager, a normal final/, the summary."""
+    import json
+
+    from affinage.recipe.loader import load_recipe_dict
+    from affinage.run import RunDir
+    from affinage.train.trainer import train
+
+    def run(compile_: str):
+        torch._dynamo.reset()
+        recipe = load_recipe_dict({
+            "name": f"compile-{compile_}", "task": "sft", "seed": 3,
+            "model": {"name_or_path": str(tiny_llama_dir), "dtype": "float32"},
+            "method": {"kind": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.0}},
+            "data": {"sources": [{"path": str(demo_data / "qa_culture.jsonl"), "format": "chat", "max_records": 8}],
+                     "max_length": 96, "cache_dir": str(tmp_path / "cache"), "num_proc": 1},
+            "training": {"global_batch_size": 2, "micro_batch_size": 2, "duration": "2 steps", "report_to": ["none"],
+                         "kernels": {"compile": compile_}},
+            "output": {"dir": str(tmp_path / compile_)},
+        })
+        run_dir = RunDir.create(recipe.run_dir())
+        result = train(recipe, run_dir)
+        return result, run_dir, [m["loss"] for m in run_dir.read_metrics() if "loss" in m]
+
+    eager, _, eager_losses = run("off")
+    result, run_dir, losses = run("on")
+    assert result.completed and result.kernels["compile"] == {"setting": "on", "on": True,
+                                                              "why": "training.kernels.compile on (the HF Trainer's torch_compile, inductor)"}
+    assert json.loads(run_dir.summary.read_text())["kernels"]["compile"]["on"] is True and not eager.kernels["compile"]["on"]
+    assert (run_dir.final / "adapter_model.safetensors").exists()  # saved through the unwrapped model, no _orig_mod. prefix
+    from safetensors.torch import load_file
+
+    assert not any("_orig_mod" in k for k in load_file(str(run_dir.final / "adapter_model.safetensors")))
+    assert len(losses) == len(eager_losses) == 2 and all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(eager_losses, losses))
