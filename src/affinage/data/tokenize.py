@@ -5,10 +5,11 @@ One chunk of records (``CHUNK_RECORDS``) is one call of the backend's ``encode_b
 * cpt: a document is [BOS] + tokens + [EOS], every token a target. This module is the one place a
   document is cut (``cut_document``): into pieces of ``max_length`` for ``bfd``/``none`` packing,
   not at all for ``concat`` (the row layout joins and cuts documents, ``packing.layout_concat``).
-* sft: ``templates.chat_for_training`` renders each conversation and finds its assistant spans,
-  once per record; the chunk's texts are tokenized in one call with offsets, and the loss mask is
-  ``templates.mask_array_from_spans`` (numpy; the rule ``templates.tokenize_chat`` applies),
-  right-truncated to ``max_length``. The result equals ``tokenize_chat`` record by record (tested).
+* sft: ``templates.chat_for_training`` renders each conversation once and finds its assistant spans
+  (the sentinel and prompt renderings it compares come from ``templates.TemplateSkeletons``, one per
+  role sequence and chunk, when the template writes contents verbatim); the chunk's texts are
+  tokenized in one call with offsets, and the loss mask is ``templates.mask_array_from_spans``
+  (numpy; the rule ``templates.tokenize_chat`` applies), right-truncated to ``max_length``. The result equals ``tokenize_chat`` record by record (tested).
 
 The loss mask is a mask from here to the batch (bool, stored as uint8 in the cache); labels are
 built once, by the collator (``affinage.data.collator``). Results come back in record order, with
@@ -122,14 +123,15 @@ def special_id_array(tokenizer) -> np.ndarray:
 
 
 def _chat_chunk(tokenizer, backend, max_length: int, chunk, special_ids: np.ndarray) -> list:
-    from affinage.data.templates import chat_for_training, end_markers, header_tokens, mask_array_from_spans
+    from affinage.data.templates import TemplateSkeletons, chat_for_training, end_markers, header_tokens, mask_array_from_spans
 
     out: list[Any] = [None] * len(chunk)
     texts, spans, slots = [], [], []
     headers = header_tokens(tokenizer, None, end_markers(tokenizer))  # the same for every record: once per chunk
+    skeletons = TemplateSkeletons(tokenizer)  # one rendering per conversation, the others filled from these
     for k, (idx, where, rec) in enumerate(chunk):
         try:
-            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"), headers=headers)
+            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"), headers=headers, skeletons=skeletons)
         except DataError as e:
             out[k] = (idx, (f"{where}: {e}", where, "chat template error"), None)
             continue
