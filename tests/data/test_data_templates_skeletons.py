@@ -129,14 +129,17 @@ def test_demo_recipe_data_same_rendering_ids_and_masks():
     check_same(tok, convs, max_length=384)
 
 
-def test_templates_that_change_a_content_fall_back_to_rendering(trained_tokenizer):
-    """A template that trims, or tests a content, gives the reference result (and renders as before)."""
+def test_unusual_templates_same_rendering(trained_tokenizer):
+    """A template that trims or tests a content (rendered as before), or ends a turn only before the next one."""
     convs = [[{"role": "user", "content": "  Où est la gare ?  "}, {"role": "assistant", "content": " Près du théâtre. \n"}],
              [{"role": "user", "content": "long"}, {"role": "assistant", "content": "Oui."}]]
     trim = ("{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] | trim }}<|im_end|>\n{%- endfor %}"
             "{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
     tests = ("{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] == 'long' %}LONG{% else %}"
              "{{ m['content'] }}{% endif %}<|im_end|>\n{%- endfor %}{%- if add_generation_prompt %}<|im_start|>assistant\n{%- endif %}")
-    for template in (trim, tests, NAMED_TEMPLATES["chatml"], NAMED_TEMPLATES["llama3"]):
+    # the end marker only before a next message (as Apertus): the final turn's marker comes from a continued rendering
+    before_next = ("{%- for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{% if not loop.last %}<|im_end|>\n"
+                   "{% endif %}{%- endfor %}{%- if add_generation_prompt %}<|im_end|>\n<|im_start|>assistant\n{%- endif %}")
+    for template in (trim, tests, before_next, NAMED_TEMPLATES["chatml"], NAMED_TEMPLATES["llama3"], NAMED_TEMPLATES["mistral"]):
         trained_tokenizer.chat_template = template
         check_same(trained_tokenizer, convs)

@@ -138,11 +138,23 @@ def _chat_chunk(tokenizer, backend, max_length: int, chunk, special_ids: np.ndar
         texts.append(r.text)
         spans.append(r.spans)
         slots.append(k)
-    for k, enc, sp in zip(slots, backend.encode_batch(texts, add_special_tokens=False), spans):
-        ids = np.asarray(enc.ids, dtype=np.uint32)
-        offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
-        mask = mask_array_from_spans(offsets, ids, sp, special_ids)
-        n = len(ids)
+    if not texts:
+        return out
+    # the whole chunk as one sequence: each text's offsets and spans shifted past the previous texts (and a
+    # gap of one character), so one mask_array_from_spans call gives every record's mask, as per record
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    lengths = [len(e.ids) for e in encs]
+    ids_all = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.uint32, count=sum(lengths))
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), dtype=np.int64,
+                          count=2 * len(ids_all)).reshape(-1, 2)
+    shift = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]], dtype=np.int64)
+    offsets += np.repeat(shift, lengths)[:, None]
+    all_spans = [(a + int(d), b + int(d)) for sp, d in zip(spans, shift) for a, b in sp]
+    mask_all = mask_array_from_spans(offsets, ids_all, all_spans, special_ids)
+    pos = 0
+    for k, n in zip(slots, lengths):
+        ids, mask = ids_all[pos : pos + n], mask_all[pos : pos + n]
+        pos += n
         out[k] = (chunk[k][0], None, TokenizedRecord([(ids[:max_length], mask[:max_length])], n, n > max_length))
     return out
 
