@@ -138,7 +138,7 @@ def run_task(task: str, tok_name: str, data_file: str, n: int, a) -> dict:
     out = {"task": task, "tokenizer": tok_name, "data": data_file, "records": len(records), "tokens": tokens,
            "max_length": a.max_length, "repeats": a.repeats,
            "raw_tokens_per_cpu_s": spread(tps["raw"]), "affinage_tokens_per_cpu_s": spread(tps["aff"]),
-           "affinage_over_raw": spread(ratios["aff"])}
+           "affinage_over_raw": spread(ratios["aff"]), "per_repeat": {"tokens_per_cpu_s": tps, "over_raw": ratios}}
     if a.prepare:
         out["prepare_tokens_per_cpu_s"] = spread(tps["prep"])
         out["prepare_over_raw"] = spread(ratios["prep"])
