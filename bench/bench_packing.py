@@ -115,23 +115,28 @@ def step_timer(recorder: BatchRecorder, warmup: int):
 
         def on_train_begin(self, args, state, control, **kw):
             self.last = time.perf_counter()
+            self.last_cpu = time.process_time()  # every thread of this process: robust to other load on the machine
 
         def on_step_end(self, args, state, control, **kw):
             now = time.perf_counter()
             batches, recorder.pending = recorder.pending, []
             rec = {k: sum(b[k] for b in batches) for k in ("samples", "real", "computed", "loss")}
-            rec["seconds"] = now - self.last
+            cpu = time.process_time()
+            rec["seconds"], rec["cpu_seconds"] = now - self.last, cpu - self.last_cpu
             self.steps.append(rec)
-            self.last = now
+            self.last, self.last_cpu = now, cpu
 
         def summary(self, warm=warmup):
             use = self.steps[warm:] or self.steps[-1:]
             t = sum(s["seconds"] for s in use)
+            cpu = sum(s["cpu_seconds"] for s in use)
             tot = {k: sum(s[k] for s in use) for k in ("samples", "real", "computed", "loss")}
             return {
                 "steps_measured": len(use),
                 "seconds": t,
                 "samples_per_s": tot["samples"] / t,
+                "cpu_seconds": cpu,
+                "samples_per_cpu_s": tot["samples"] / cpu,
                 "tokens_per_s": tot["real"] / t,
                 "loss_tokens_per_sample": tot["loss"] / max(1, tot["samples"]),
                 "padding_fraction": 1 - tot["real"] / max(1, tot["computed"]),

@@ -18,7 +18,8 @@ is a fresh process (clean peak RSS, no warm caches carried over); repeats are in
 - ``affinage``: its cache (BFD rows), padding-free micro-batches, per-segment attention, selective head.
 - one row per affinage switch: ``affinage-no-selective`` (full logits), ``affinage-no-packing``
   (``packing: none``: one sample per row, still padding-free), ``affinage-chunked`` (CPT:
-  ``training.loss.kind chunked``).
+  ``training.loss.kind chunked``), ``affinage-no-lora-dropout`` (LoRA: ``lora_dropout`` 0 instead of
+  the 0.05 every LoRA row uses: the cost of peft dropping each adapter's input separately).
 - ``llamafactory`` / ``axolotl``: their own CLIs in their own venvs (``bench/peers/install.sh``), on the
   same model folder and records, with packing that keeps samples apart; if one is not installed or
   fails, the row says why (its last error line).
@@ -38,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -120,6 +122,7 @@ def run_process(cmd: list[str], env: dict | None = None, cwd: str | None = None,
                 keep_output: bool = False) -> dict:
     """Run ``cmd``; its last stdout line that is a JSON object is the result. Adds peak RSS and load."""
     t0 = time.perf_counter()
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     mon = TreeMonitor(p.pid)
     try:
@@ -141,7 +144,9 @@ def run_process(cmd: list[str], env: dict | None = None, cwd: str | None = None,
         errors = [l for l in out.splitlines() if "Error" in l or "error" in l or "TIMEOUT" in l] or out.splitlines()[-1:]
         res = {"error": (errors[-1] if errors else f"exit {p.returncode}").strip()[:400], "returncode": p.returncode}
     res = res or {}
-    res.update(peak_rss_gb=mon.peak / 2**30, load_during=mon.loads or [load1()], wall_s=time.perf_counter() - t0)
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the waited-for tree: start-up, model load and training
+    res.update(peak_rss_gb=mon.peak / 2**30, load_during=mon.loads or [load1()], wall_s=time.perf_counter() - t0,
+               process_cpu_s=(ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime))
     if keep_output:
         res["_out"] = out
     return res
@@ -178,12 +183,12 @@ def real_model_folder() -> Path | None:
 
 
 # ------------------------------------------------------------------------------------- worker
-def _lora_config(method: str):
+def _lora_config(method: str, dropout: float = 0.05):
     if method != "lora":
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                              "gate_proj", "up_proj", "down_proj"],
                       task_type="CAUSAL_LM")
 
@@ -213,7 +218,7 @@ def _result(trainer, timer, train_out, warmup: int) -> dict:
     rt = train_out.metrics["train_runtime"]
     warm = timer.summary(warmup)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"samples_per_s": warm["samples_per_s"], "loss_tokens_per_s": warm["loss_tokens_per_sample"] * warm["samples_per_s"],
+    return {"samples_per_s": warm["samples_per_s"], "samples_per_cpu_s": warm["samples_per_cpu_s"], "loss_tokens_per_s": warm["loss_tokens_per_sample"] * warm["samples_per_s"],
             "tokens_per_s": warm["tokens_per_s"], "padding_fraction": 1 - tot["real"] / max(1, tot["computed"]),
             "warm_steps": warm["steps_measured"], "whole_samples_per_s": tot["samples"] / rt,
             "whole_loss_tokens_per_s": tot["loss"] / rt, "train_runtime": rt, "samples": tot["samples"],
@@ -288,7 +293,7 @@ def _worker_affinage(spec, tok, attn) -> dict:
     })
     cache = prepare(recipe, tok, progress=False)
     model = _load(spec["model_dir"], attn)
-    lora = _lora_config(spec["method"])
+    lora = _lora_config(spec["method"], 0.0 if setup == "affinage-no-lora-dropout" else 0.05)
     if lora is not None:
         import torch
         from peft import get_peft_model
@@ -450,6 +455,8 @@ def setups_for(task: str, a, method: str = "full") -> list[str]:
     rows = ["trl", "affinage", "affinage-no-selective", "affinage-no-packing"]
     if task == "cpt":
         rows = ["trl", "affinage", "affinage-chunked", "affinage-no-packing"]
+    if method == "lora":
+        rows.append("affinage-no-lora-dropout")  # what peft's dropout on each adapter's input costs
     if a.trl_defaults:
         rows.insert(1, "trl-defaults")
     peers = [p for p in a.peers.split(",") if p] if (method == "lora" or a.peers_on_all) else []
@@ -545,9 +552,10 @@ def main(argv=None) -> int:
 
 
 def report(tname: str, runs: dict) -> dict:
-    keys = ("samples_per_s", "whole_samples_per_s", "loss_tokens_per_s", "padding_fraction", "peak_rss_gb", "final_loss")
+    keys = ("samples_per_s", "samples_per_cpu_s", "whole_samples_per_s", "loss_tokens_per_s", "padding_fraction", "peak_rss_gb",
+            "final_loss", "process_cpu_s")
     print(f"\n[{tname}] min/median/max over repeats. warm: steps after the first; whole: trainer.train()'s runtime")
-    print(f"  {'set-up':<22}{'samples/s warm':>20}{'samples/s whole':>20}{'loss tok/s warm':>18}{'padding':>9}"
+    print(f"  {'set-up':<22}{'samples/s warm':>20}{'samples/CPU-s warm':>20}{'samples/s whole':>20}{'loss tok/s warm':>18}{'padding':>9}"
           f"{'peak RSS GB':>17}{'final loss':>12}{'load 1-min':>16}")
     fmt = lambda d, f="{:.2f}": "/".join(f.format(d[x]) for x in ("min", "median", "max")) if d else "n/a"  # noqa: E731
     table = {}
@@ -561,7 +569,7 @@ def report(tname: str, runs: dict) -> dict:
         st["load"] = summarise([x for r in ok for x in r["load_during"]])
         pad = "{:.1%}".format(st["padding_fraction"]["median"]) if st["padding_fraction"] else "n/a"
         fl = "{:.3f}".format(st["final_loss"]["median"]) if st["final_loss"] else "n/a"
-        print(f"  {s:<22}{fmt(st['samples_per_s']):>20}{fmt(st['whole_samples_per_s']):>20}"
+        print(f"  {s:<22}{fmt(st['samples_per_s']):>20}{fmt(st['samples_per_cpu_s'], '{:.3f}'):>20}{fmt(st['whole_samples_per_s']):>20}"
               f"{fmt(st['loss_tokens_per_s'], '{:.0f}'):>18}{pad:>9}{fmt(st['peak_rss_gb']):>17}{fl:>12}"
               f"{fmt(st['load'], '{:.1f}'):>16}")
         table[s] = {"stats": st, "runs": rs}
@@ -569,11 +577,14 @@ def report(tname: str, runs: dict) -> dict:
     for s, rs in runs.items():
         if s == "affinage" or not base:
             continue
-        key = "samples_per_s" if all(r.get("samples_per_s") for r in rs if "error" not in r) else "whole_samples_per_s"
-        ratios = [b[key] / r[key] for b, r in zip(base, rs) if "error" not in r and r.get(key)]
-        if ratios:
+        ok = [r for r in rs if "error" not in r]
+        wall = "samples_per_s" if ok and all(r.get("samples_per_s") for r in ok) else "whole_samples_per_s"  # peers: whole run only
+        for key, name in ((wall, "affinage_ratio"), ("samples_per_cpu_s", "affinage_ratio_cpu")):
+            ratios = [b[key] / r[key] for b, r in zip(base, rs) if "error" not in r and r.get(key) and b.get(key)]
+            if not ratios:
+                continue
             st = summarise(ratios)
-            table[s]["affinage_ratio"] = {**st, "on": key}
+            table[s][name] = {**st, "on": key}
             print(f"  affinage / {s:<22} ×{st['median']:.2f} (min {st['min']:.2f}, max {st['max']:.2f}, "
                   f"{st['n']} repeats; {key.replace('_', ' ')})")
     return table
@@ -584,8 +595,9 @@ def render(results: dict) -> str:
     f = lambda d, fmt="{:.2f}": "–" if not d else f"{fmt.format(d['median'])} ({fmt.format(d['min'])}–{fmt.format(d['max'])})"  # noqa: E731
     lines = [f"Model: {results['model']}", ""]
     for tname, table in results["tasks"].items():
-        lines += [f"**{tname}**", "", "| set-up | samples/s warm | samples/s whole run | loss tok/s warm | padding | peak RSS GB "
-                  "| final loss | load 1-min | affinage ÷ row |", "|---|---|---|---|---|---|---|---|---|"]
+        lines += [f"**{tname}**", "", "| set-up | samples/s warm | samples/CPU-s warm | samples/s whole run | loss tok/s warm | "
+                  "padding | peak RSS GB | final loss | load 1-min | affinage ÷ row | affinage ÷ row per CPU-s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s, row in table.items():
             if "stats" not in row:
                 lines.append(f"| {s} | did not run: {row.get('error')} |||||||| ")
@@ -593,9 +605,11 @@ def render(results: dict) -> str:
             st = row["stats"]
             pad = "–" if not st["padding_fraction"] else f"{st['padding_fraction']['median']:.1%}"
             r = row.get("affinage_ratio")
-            lines.append(f"| {s} | {f(st['samples_per_s'])} | {f(st.get('whole_samples_per_s'))} | {f(st['loss_tokens_per_s'], '{:.0f}')} "
-                         f"| {pad} | {f(st['peak_rss_gb'])} | {f(st['final_loss'], '{:.3f}')} | {f(st['load'], '{:.1f}')} "
-                         f"| {'–' if not r else f(r) + (' (whole run)' if r['on'].startswith('whole') else '')} |")
+            rc = row.get("affinage_ratio_cpu")
+            lines.append(f"| {s} | {f(st['samples_per_s'])} | {f(st.get('samples_per_cpu_s'), '{:.3f}')} | {f(st.get('whole_samples_per_s'))} "
+                         f"| {f(st['loss_tokens_per_s'], '{:.0f}')} | {pad} | {f(st['peak_rss_gb'])} | {f(st['final_loss'], '{:.3f}')} "
+                         f"| {f(st['load'], '{:.1f}')} | {'–' if not r else f(r) + (' (whole run)' if r['on'].startswith('whole') else '')} "
+                         f"| {'–' if not rc else f(rc)} |")
         lines.append("")
     return "\n".join(lines)
 

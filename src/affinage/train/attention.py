@@ -5,6 +5,15 @@ each segment of a padding-free batch (``cu_seq_lens_q`` from ``data.collator.Pac
 flash-attention's varlen semantics on any device, with the cost of the segments (Σ n²) instead of a
 dense block-diagonal mask over the whole batch ((Σ n)²). Flash-attention models are left alone: they
 read the same ``cu_seq_lens`` natively.
+
+Short segments are attended in groups: segments of at most ``GROUP_MAX_TOKENS`` tokens, sorted by
+length, are right-padded to their group's longest and run as one batched causal SDPA call. That is
+exact: padding sits after every real token, so a causal query never sees it, and padded outputs are
+dropped. It trades padded work (a group costs at most ``GROUP_SLACK`` × its Σ n²) for fewer calls,
+which pays only where the call count, not the arithmetic, is the cost: many short samples in a row
+(``bench/bench_attention.py``: on CPU 32 segments of 64 tokens 1.6× faster, mixed 20..400-token
+segments even). Longer segments keep one call each. (FlexAttention would take a document mask in one
+call, but torch 2.13 has no FlexAttention backward on CPU; on GPU flash-attention varlen does this.)
 """
 
 from __future__ import annotations
@@ -14,6 +23,32 @@ from typing import Optional
 import torch
 
 VARLEN = "affinage_varlen"
+
+
+GROUP_MAX_TOKENS = 128  # segments this short are attended in padded groups (measured: module doc)
+GROUP_SLACK = 1.5  # a group's padded Σ L² stays within this factor of its real Σ n²
+
+
+def length_groups(lengths: list[int], short: int = GROUP_MAX_TOKENS, slack: float = GROUP_SLACK) -> list[list[int]]:
+    """Indices of ``lengths`` in attention calls: each long segment alone, short ones grouped by length.
+
+    Short segments are taken longest first; a group closes when padding every member to its first
+    (longest) length would cost more than ``slack`` × the members' Σ n².
+    """
+    calls = [[i] for i, n in enumerate(lengths) if n > short]
+    group, width, cost = [], 0, 0
+    for i in sorted((i for i, n in enumerate(lengths) if n <= short), key=lambda i: -lengths[i]):
+        n = lengths[i]
+        if group and (len(group) + 1) * width * width > slack * (cost + n * n):
+            calls.append(group)
+            group = []
+        if not group:
+            width, cost = n, 0
+        group.append(i)
+        cost += n * n
+    if group:
+        calls.append(group)
+    return calls
 
 
 def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: Optional[float] = None, **kwargs):
@@ -26,14 +61,42 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
     bounds = cu.tolist()
     if len(bounds) == 2:
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)
-    outs = []
-    for a, b in zip(bounds[:-1], bounds[1:]):
-        if b > a:
+    starts = [a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+    outs, where = [], []  # per call: (tokens, heads, dim) outputs and their positions in the row
+    device = query.device
+    calls = length_groups(lengths, GROUP_MAX_TOKENS, GROUP_SLACK)  # read at call time: the bench switches it off
+    if all(len(c) == 1 for c in calls):
+        calls.sort()  # no group formed: row order, no reordering below
+    for call in calls:
+        if len(call) == 1:
+            a, n = starts[call[0]], lengths[call[0]]
             o, _ = sdpa_attention_forward(
-                module, query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], None, dropout=dropout, scaling=scaling, is_causal=True
+                module, query[:, :, a : a + n], key[:, :, a : a + n], value[:, :, a : a + n], None,
+                dropout=dropout, scaling=scaling, is_causal=True,
             )
-            outs.append(o)
-    return torch.cat(outs, dim=1), None
+            outs.append(o[0])
+            where.append(torch.arange(a, a + n, device=device))
+            continue
+        first = torch.tensor([starts[i] for i in call], device=device)
+        count = torch.tensor([lengths[i] for i in call], device=device)
+        offset = torch.arange(lengths[call[0]], device=device)
+        real = offset[None, :] < count[:, None]
+        index = torch.minimum(first[:, None] + offset[None, :], (first + count - 1)[:, None])  # pad: repeat the last token
+
+        def grouped(x):  # (1, heads, tokens, dim) -> (segments, heads, width, dim)
+            return x[0][:, index].transpose(0, 1)
+
+        o, _ = sdpa_attention_forward(module, grouped(query), grouped(key), grouped(value), None,
+                                      dropout=dropout, scaling=scaling, is_causal=True)
+        outs.append(o[real])
+        where.append(index[real])
+    if calls == [[i] for i in range(len(lengths))]:  # one call per segment, in row order
+        return torch.cat(outs)[None], None
+    positions = torch.cat(where)
+    order = torch.empty_like(positions)
+    order[positions] = torch.arange(positions.numel(), device=device)
+    return torch.cat(outs)[order][None], None
 
 
 def register_varlen_attention() -> None:
