@@ -16,9 +16,12 @@ Both are timed in CPU seconds of this process (``time.process_time``) and report
 per CPU-second, so the ratio is the share of the tokenizer's own speed that ``prepare`` keeps.
 Prints min/median/max over the repeats and the load average before and after.
 
-    python bench/bench_prepare.py [--repeats 5] [--sft-records N] [--cpt-records N] [--json out.json]
+    python bench/bench_prepare.py [--repeats 5] [--sft-records N] [--cpt-records N] [--json out.json] [--src DIR]
 
-(0 records: the whole file, the default.)
+(0 records: the whole file, the default.) ``--src``: the ``src`` folder of another checkout to bench
+instead of this one's, for a before/after in the same conditions, e.g. ``git archive <rev> src | tar -x
+-C /tmp/before`` then runs alternating ``--src /tmp/before/src`` and this tree (the ratios, each against
+its own raw ``encode_batch``, are what compare).
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ os.environ["TOKENIZERS_PARALLELISM"] = "false"
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("AFFINAGE_SHARED") or REPO.parent / "shared")
-sys.path.insert(0, str(REPO / "src"))
+SRC = Path(sys.argv[sys.argv.index("--src") + 1]).resolve() if "--src" in sys.argv[:-1] else REPO / "src"
+sys.path.insert(0, str(SRC))
 
 
 def load_records(path: Path, kind: str, n: int) -> list[dict]:
@@ -134,7 +138,7 @@ def run_task(task: str, tok_name: str, data_file: str, n: int, a) -> dict:
     out = {"task": task, "tokenizer": tok_name, "data": data_file, "records": len(records), "tokens": tokens,
            "max_length": a.max_length, "repeats": a.repeats,
            "raw_tokens_per_cpu_s": spread(tps["raw"]), "affinage_tokens_per_cpu_s": spread(tps["aff"]),
-           "affinage_over_raw": spread(ratios["aff"])}
+           "affinage_over_raw": spread(ratios["aff"]), "per_repeat": {"tokens_per_cpu_s": tps, "over_raw": ratios}}
     if a.prepare:
         out["prepare_tokens_per_cpu_s"] = spread(tps["prep"])
         out["prepare_over_raw"] = spread(ratios["prep"])
@@ -152,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--sft-tokenizer", default="qwen2.5-instruct")
     p.add_argument("--cpt-tokenizer", default="lucie-7b-instruct")
     p.add_argument("--json", type=Path)
+    p.add_argument("--src", type=Path, default=SRC, help="the src folder whose affinage is benched (read at import)")
     a = p.parse_args(argv)
     if not (SHARED / "data").is_dir():
         print(f"needs the shared corpora and tokenizers at {SHARED} (set AFFINAGE_SHARED)", file=sys.stderr)
@@ -162,7 +167,11 @@ def main(argv=None) -> int:
         run_task("sft", a.sft_tokenizer, "fr_instruct_piaf_qa.jsonl", a.sft_records, a),
     ]
     load_after = Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").exists() else None
-    out = {"results": results, "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count()}
+    import affinage
+
+    out = {"results": results, "loadavg_before": load_before, "loadavg_after": load_after, "cpus": os.cpu_count(),
+           "affinage": str(Path(affinage.__file__).parent)}
+    print(f"affinage from {out['affinage']}")
     print(f"load average (1, 5, 15 min) before {load_before}, after {load_after}; {os.cpu_count()} CPUs")
     print("tokens per CPU-second, min/median/max over the repeats; ratios per repeat against raw encode_batch")
     print(f"{'task':<5}{'tokenizer':<19}{'records':>8}{'tokens':>10}  {'raw encode_batch':<26}{'tokenize_chunk':<26}"

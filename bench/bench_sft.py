@@ -18,8 +18,10 @@ is a fresh process (clean peak RSS, no warm caches carried over); repeats are in
 - ``affinage``: its cache (BFD rows), padding-free micro-batches, per-segment attention, selective head.
 - one row per affinage switch: ``affinage-no-selective`` (full logits), ``affinage-no-packing``
   (``packing: none``: one sample per row, still padding-free), ``affinage-chunked`` (CPT:
-  ``training.loss.kind chunked``); with ``--compile``, ``affinage-compile`` (``training.kernels.compile
-  on``: the HF Trainer's ``torch_compile`` through ``affinage.train.kernels``; compile time included).
+  ``training.loss.kind chunked``), ``affinage-no-lora-dropout`` (LoRA: ``lora_dropout`` 0 instead of
+  the 0.05 every LoRA row uses: the cost of peft dropping each adapter's input separately); with
+  ``--compile``, ``affinage-compile`` (``training.kernels.compile on``: the HF Trainer's ``torch_compile``
+  through ``affinage.train.kernels``; compile time included).
 - ``llamafactory`` / ``axolotl``: their own CLIs in their own venvs (``bench/peers/install.sh``), on the
   same model folder and records, with packing that keeps samples apart; if one is not installed or
   fails, the row says why (its last error line).
@@ -183,12 +185,12 @@ def real_model_folder() -> Path | None:
 
 
 # ------------------------------------------------------------------------------------- worker
-def _lora_config(method: str):
+def _lora_config(method: str, dropout: float = 0.05):
     if method != "lora":
         return None
     from peft import LoraConfig
 
-    return LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+    return LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
                                                                              "gate_proj", "up_proj", "down_proj"],
                       task_type="CAUSAL_LM")
 
@@ -294,7 +296,7 @@ def _worker_affinage(spec, tok, attn) -> dict:
     })
     cache = prepare(recipe, tok, progress=False)
     model = _load(spec["model_dir"], attn)
-    lora = _lora_config(spec["method"])
+    lora = _lora_config(spec["method"], 0.0 if setup == "affinage-no-lora-dropout" else 0.05)
     if lora is not None:
         import torch
         from peft import get_peft_model
@@ -463,6 +465,8 @@ def setups_for(task: str, a, method: str = "full") -> list[str]:
     rows = ["trl", "affinage", "affinage-no-selective", "affinage-no-packing"]
     if task == "cpt":
         rows = ["trl", "affinage", "affinage-chunked", "affinage-no-packing"]
+    if method == "lora":
+        rows.append("affinage-no-lora-dropout")  # what peft's dropout on each adapter's input costs
     if a.trl_defaults:
         rows.insert(1, "trl-defaults")
     if a.compile:

@@ -53,18 +53,26 @@ def secret_values(environ: dict | None = None) -> list[str]:
 
 def scrub(text: str, environ: dict | None = None) -> str:
     """``text`` with every secret value and token-shaped string replaced by ``[redacted]``."""
-    for value in secret_values(environ):
+    return _scrub(text, secret_values(environ))
+
+
+def _scrub(text: str, values: list[str]) -> str:
+    for value in values:
         if value in text:
             text = text.replace(value, REDACTED)
     return _TOKEN_SHAPES.sub(REDACTED, text)
 
 
 def scrub_data(data: Any, environ: dict | None = None) -> Any:
-    """A copy of a JSON-like structure with every string scrubbed (keys too)."""
+    """A copy of a JSON-like structure with every string scrubbed (keys too); the environment is read once."""
+    return _scrub_data(data, secret_values(environ))
+
+
+def _scrub_data(data: Any, values: list[str]) -> Any:
     if isinstance(data, str):
-        return scrub(data, environ)
+        return _scrub(data, values)
     if isinstance(data, dict):
-        return {scrub(str(k), environ): scrub_data(v, environ) for k, v in data.items()}
+        return {_scrub(str(k), values): _scrub_data(v, values) for k, v in data.items()}
     if isinstance(data, (list, tuple)):
-        return [scrub_data(v, environ) for v in data]
+        return [_scrub_data(v, values) for v in data]
     return data

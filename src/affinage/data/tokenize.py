@@ -5,10 +5,11 @@ One chunk of records (``CHUNK_RECORDS``) is one call of the backend's ``encode_b
 * cpt: a document is [BOS] + tokens + [EOS], every token a target. This module is the one place a
   document is cut (``cut_document``): into pieces of ``max_length`` for ``bfd``/``none`` packing,
   not at all for ``concat`` (the row layout joins and cuts documents, ``packing.layout_concat``).
-* sft: ``templates.chat_for_training`` renders each conversation and finds its assistant spans,
-  once per record; the chunk's texts are tokenized in one call with offsets, and the loss mask is
-  ``templates.mask_array_from_spans`` (numpy; the rule ``templates.tokenize_chat`` applies),
-  right-truncated to ``max_length``. The result equals ``tokenize_chat`` record by record (tested).
+* sft: ``templates.chat_for_training`` renders each conversation once and finds its assistant spans
+  (the sentinel and prompt renderings it compares come from ``templates.TemplateSkeletons``, one per
+  role sequence and chunk, when the template writes contents verbatim); the chunk's texts are
+  tokenized in one call with offsets, and the loss mask is ``templates.mask_array_from_spans``
+  (numpy; the rule ``templates.tokenize_chat`` applies), right-truncated to ``max_length``. The result equals ``tokenize_chat`` record by record (tested).
 
 The loss mask is a mask from here to the batch (bool, stored as uint8 in the cache); labels are
 built once, by the collator (``affinage.data.collator``). Results come back in record order, with
@@ -122,25 +123,38 @@ def special_id_array(tokenizer) -> np.ndarray:
 
 
 def _chat_chunk(tokenizer, backend, max_length: int, chunk, special_ids: np.ndarray) -> list:
-    from affinage.data.templates import chat_for_training, end_markers, header_tokens, mask_array_from_spans
+    from affinage.data.templates import TemplateSkeletons, chat_for_training, end_markers, header_tokens, mask_array_from_spans
 
     out: list[Any] = [None] * len(chunk)
     texts, spans, slots = [], [], []
     headers = header_tokens(tokenizer, None, end_markers(tokenizer))  # the same for every record: once per chunk
+    skeletons = TemplateSkeletons(tokenizer)  # one rendering per conversation, the others filled from these
     for k, (idx, where, rec) in enumerate(chunk):
         try:
-            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"), headers=headers)
+            r = chat_for_training(tokenizer, rec["messages"], tools=rec.get("tools"), headers=headers, skeletons=skeletons)
         except DataError as e:
             out[k] = (idx, (f"{where}: {e}", where, "chat template error"), None)
             continue
         texts.append(r.text)
         spans.append(r.spans)
         slots.append(k)
-    for k, enc, sp in zip(slots, backend.encode_batch(texts, add_special_tokens=False), spans):
-        ids = np.asarray(enc.ids, dtype=np.uint32)
-        offsets = np.fromiter(chain.from_iterable(enc.offsets), dtype=np.int64, count=2 * len(ids)).reshape(-1, 2)
-        mask = mask_array_from_spans(offsets, ids, sp, special_ids)
-        n = len(ids)
+    if not texts:
+        return out
+    # the whole chunk as one sequence: each text's offsets and spans shifted past the previous texts (and a
+    # gap of one character), so one mask_array_from_spans call gives every record's mask, as per record
+    encs = backend.encode_batch(texts, add_special_tokens=False)
+    lengths = [len(e.ids) for e in encs]
+    ids_all = np.fromiter(chain.from_iterable(e.ids for e in encs), dtype=np.uint32, count=sum(lengths))
+    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)), dtype=np.int64,
+                          count=2 * len(ids_all)).reshape(-1, 2)
+    shift = np.cumsum([0] + [len(t) + 1 for t in texts[:-1]], dtype=np.int64)
+    offsets += np.repeat(shift, lengths)[:, None]
+    all_spans = [(a + int(d), b + int(d)) for sp, d in zip(spans, shift) for a, b in sp]
+    mask_all = mask_array_from_spans(offsets, ids_all, all_spans, special_ids)
+    pos = 0
+    for k, n in zip(slots, lengths):
+        ids, mask = ids_all[pos : pos + n], mask_all[pos : pos + n]
+        pos += n
         out[k] = (chunk[k][0], None, TokenizedRecord([(ids[:max_length], mask[:max_length])], n, n > max_length))
     return out
 
