@@ -96,11 +96,24 @@ def write_spool(fh, where: str, record: dict) -> None:
     fh.write(pickle.dumps((where, record), protocol=pickle.HIGHEST_PROTOCOL))
 
 
+class _PlainUnpickler(pickle.Unpickler):
+    """Loads JSON-shaped values only (dict, list, str, numbers, bool, None: pickle has opcodes for them).
+
+    Every class lookup is refused, so a spool file swapped in by someone else (a cache folder may be
+    group-shared on a cluster) cannot run code. Canonical records are JSON-shaped (the spool was JSON
+    lines before), so nothing affinage writes needs a class.
+    """
+
+    def find_class(self, module, name):
+        raise DataError(f"a prepare spool file holds an object of class {module}.{name}, which affinage never writes: "
+                        "the cache's work folder was changed by someone else; delete it and run prepare again")
+
+
 def read_spool(path: Path) -> Iterator[tuple[str, dict]]:
     """The ``(where, record)`` of a spool file, in the order they were written."""
     with open(path, "rb") as fh:
         while True:
             try:
-                yield pickle.load(fh)  # a new unpickler per record: one kept for the file would memoise every record
+                yield _PlainUnpickler(fh).load()  # one per record: one kept for the file would memoise every record
             except EOFError:
                 return
