@@ -6,8 +6,10 @@ Kept out of conftest.py on purpose: several test folders have their own conftest
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -22,6 +24,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 # prepared-data caches of test runs go to a throw-away folder, never to the user's ~/.cache/affinage
 os.environ.setdefault("AFFINAGE_CACHE", tempfile.mkdtemp(prefix="affinage-test-cache-"))
+
+
+def load_script(path: str):
+    """A repository script (``bench/…``, ``scripts/…``) imported as a module, for tests of its functions."""
+    file = REPO / path
+    spec = importlib.util.spec_from_file_location(file.stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[file.stem] = module  # dataclasses and pickling look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def shared_dir() -> Path | None:

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_attention_rows_agree_and_report_every_mix(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_attention", REPO / "bench" / "bench_attention.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/bench_attention.py")
     out = tmp_path / "attn.json"
     assert bench.main(["--repeats", "1", "--json", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
+
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def test_bench_dpo_quick_runs_both_setups(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_dpo", REPO / "bench" / "bench_dpo.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/bench_dpo.py")
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("AFFINAGE_SHARED") or REPO.parent / "shared")
@@ -19,9 +19,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_bench_prepare_reports_ratios_against_raw_encode_batch(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_prepare", REPO / "bench" / "bench_prepare.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/bench_prepare.py")
     out = tmp_path / "b.json"
     assert bench.main(["--repeats", "1", "--sft-records", "30", "--cpt-records", "30", "--cache", str(tmp_path / "c"),
                        "--json", str(out)]) == 0

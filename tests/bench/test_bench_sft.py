@@ -6,12 +6,12 @@ Slow (one fresh process per row, ~9 s of imports each), so marked ``slow``; the 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("AFFINAGE_SHARED") or REPO.parent / "shared")
@@ -24,9 +24,7 @@ pytestmark = [
 
 
 def test_bench_sft_quick_rows(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_sft", REPO / "bench" / "bench_sft.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/bench_sft.py")
     out = tmp_path / "sft.json"
     assert bench.main(["--quick", "--tasks", "lora-sft,cpt", "--peers", "", "--json", str(out)]) == 0
     res = json.loads(out.read_text())["tasks"]

@@ -7,12 +7,12 @@ the full benchmark prints is produced. The numbers themselves mean nothing at th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 from pathlib import Path
 
 import pytest
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = Path(os.environ.get("AFFINAGE_SHARED") or REPO.parent / "shared")
@@ -24,9 +24,7 @@ pytestmark = pytest.mark.skipif(
 
 
 def test_bench_quick_runs_all_three_setups(tmp_path):
-    spec = importlib.util.spec_from_file_location("bench_packing", REPO / "bench" / "bench_packing.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = load_script("bench/bench_packing.py")
     out = tmp_path / "bench.json"
     assert bench.main(["--quick", "--json", str(out)]) == 0
     res = json.loads(out.read_text())

@@ -9,11 +9,12 @@ concurrency) is ``python bench/faults.py``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -27,10 +28,7 @@ def test_fault_campaign_quick(tmp_path):
                         "--json", str(out)], capture_output=True, text=True, timeout=1500)
     assert out.exists(), f"the campaign ended with {r.returncode} and no result:\n{r.stderr[-3000:]}"
     result = json.loads(out.read_text())
-    spec = importlib.util.spec_from_file_location("faults", REPO / "bench" / "faults.py")
-    faults = importlib.util.module_from_spec(spec)
-    sys.modules["faults"] = faults  # dataclasses look their module up there
-    spec.loader.exec_module(faults)
+    faults = load_script("bench/faults.py")
     t = result["totals"]
     bad = [c for c in result["cases"] if c["result"] != "clear"]
     assert not bad, "\n".join(f"{c['result']}: {c['group']}: {c['name']}: {c['message']}" for c in bad)

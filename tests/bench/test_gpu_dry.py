@@ -8,19 +8,17 @@ per-token losses of their segments run alone (float32, within 1e-4).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from testlib import load_script
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _gpu_module():
-    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "bench" / "gpu.py")
-    gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(gpu)
+    gpu = load_script("bench/gpu.py")
     return gpu
 
 

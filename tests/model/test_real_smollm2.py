@@ -9,23 +9,19 @@ full run are in README ("A real model in minutes").
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import random
 import re
 
 import pytest
-
-from testlib import REPO, shared_dir
+from testlib import REPO, load_script, shared_dir
 
 RECIPES = REPO / "recipes" / "smollm2-135m" / "lora"
 
 
 def _stage_module():
-    spec = importlib.util.spec_from_file_location("stage_smollm2", REPO / "scripts" / "stage_smollm2.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = load_script("scripts/stage_smollm2.py")
     return mod
 
 
