@@ -195,26 +195,24 @@ def _render(tokenizer, messages: Sequence[dict], generation_prompt: bool, chat_t
     return out
 
 
+def _common_run(a: str, b: str, limit: int, from_end: bool) -> int:
+    """Length (≤ ``limit``) of the longest common prefix, or suffix, of ``a`` and ``b``: bisection on slice
+    equality (compared in C, not per character)."""
+    lo, hi = 0, limit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if (a[len(a) - mid :] == b[len(b) - mid :]) if from_end else (a[:mid] == b[:mid]):
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _diff_region(real: str, marked: str) -> tuple[int, int, int]:
     """(start, end in ``real``, end in ``marked``) of the part where two renderings differ."""
     n = min(len(real), len(marked))
-    # the longest common prefix, then suffix, by bisection on slice equality (compared in C, not per character)
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if real[:mid] == marked[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    p = lo
-    lo, hi = 0, n - p
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if real[len(real) - mid :] == marked[len(marked) - mid :]:
-            lo = mid
-        else:
-            hi = mid - 1
-    q = lo
+    p = _common_run(real, marked, n, from_end=False)
+    q = _common_run(real, marked, n - p, from_end=True)
     return p, len(real) - q, len(marked) - q
 
 

@@ -9,7 +9,8 @@ One chunk of records (``CHUNK_RECORDS``) is one call of the backend's ``encode_b
   (the sentinel and prompt renderings it compares come from ``templates.TemplateSkeletons``, one per
   role sequence and chunk, when the template writes contents verbatim); the chunk's texts are
   tokenized in one call with offsets, and the loss mask is ``templates.mask_array_from_spans``
-  (numpy; the rule ``templates.tokenize_chat`` applies), right-truncated to ``max_length``. The result equals ``tokenize_chat`` record by record (tested).
+  (numpy; the rule ``templates.tokenize_chat`` applies), right-truncated to ``max_length``. The
+  result equals ``tokenize_chat`` record by record (tested).
 
 The loss mask is a mask from here to the batch (bool, stored as uint8 in the cache); labels are
 built once, by the collator (``affinage.data.collator``). Results come back in record order, with

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from affinage.eval.results import RESULTS_FILE, change_text, counted, eval_dir
+from affinage.eval.results import RESULTS_FILE, change_text, counted, eval_dir, verdict_text
+
 
 def _console_verdict(d: dict) -> str:
     if d.get("too_few"):
         return f"too few to tell: {d['n_groups']} groups" if "n_groups" in d else f"too few to tell: {d['n']} units"
-    return "real" if d["excludes_zero"] else "not established"
+    return verdict_text(d)
 
 
 def _change(d: dict) -> str:

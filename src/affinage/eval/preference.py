@@ -22,7 +22,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from affinage.eval.results import change_text
+from affinage.eval.results import change_text, verdict_text
 from affinage.eval.stats import mean_ci, paired_mean_delta
 
 PREFERENCE_TASKS = ("dpo", "kto")
@@ -174,10 +174,9 @@ def format_line(e: dict) -> str:
         return f"{'preference':<20} no held-out pairs"
     if b:
         d = e["delta"]["accuracy"]
-        verdict = "real" if d["excludes_zero"] else "not established"
         dn = e["delta"]["accuracy_norm"]
         return (f"{'preference':<20} {e['pairs']} pairs  accuracy {b['accuracy']:.3f} → {t['accuracy']:.3f}  "
-                f"{change_text(d)} ({verdict}); per token "
+                f"{change_text(d)} ({verdict_text(d)}); per token "
                 f"{b['accuracy_norm']:.3f} → {t['accuracy_norm']:.3f} {change_text(dn)}; reward margin "
                 f"{change_text(e['reward_margin'], key='value')}")
     return f"{'preference':<20} {e['pairs']} pairs  accuracy {t['accuracy']:.3f}  margin {t['margin']:+.3f}"

@@ -19,6 +19,11 @@ def change_text(d: dict, digits: int = 3, key: str = "delta") -> str:
     return f"{d[key]:+.{digits}f} [{d['ci_low']:+.{digits}f}, {d['ci_high']:+.{digits}f}]"
 
 
+def verdict_text(d: dict) -> str:
+    """``real`` when a change's 95 % interval excludes zero, else ``not established``: one wording everywhere."""
+    return "real" if d["excludes_zero"] else "not established"
+
+
 def counted(e: dict, count_key: str, noun: str = "") -> str:
     """``557`` or ``557 passages in 20 groups`` (groups are what the bootstrap resamples): console and report alike."""
     n = f"{e[count_key]} {noun}".rstrip()

@@ -7,7 +7,7 @@ from typing import Optional
 
 import numpy as np
 
-from affinage.eval.results import change_text
+from affinage.eval.results import change_text, verdict_text
 from affinage.provenance.plots import BASE_COLOR, TUNED_COLOR, _plt, _save
 
 
@@ -27,12 +27,12 @@ def report_section(e: dict, root: Path, images: Path) -> list[str]:
         out += ["| pairs | accuracy before → after | change [95% interval] | verdict | log-lik. margin before → after | change [95% interval] | reward margin [95% interval] | reward > 0 |",
                 "|---:|---|---|---|---|---|---|---:|",
                 f"| {e['pairs']} | {b['accuracy']:.3f} → {t['accuracy']:.3f} | {change_text(d)} | "
-                f"{'real' if d['excludes_zero'] else 'not established'} | {b['margin']:+.2f} → {t['margin']:+.2f} | "
+                f"{verdict_text(d)} | {b['margin']:+.2f} → {t['margin']:+.2f} | "
                 f"{change_text(dm, 2)} | {change_text(rm, key='value')} | "
                 f"{ra['value']:.3f} |", "",
                 f"Per-token accuracy (mean log-likelihood per completion token, which does not favour the shorter reply): "
                 f"{b['accuracy_norm']:.3f} → {t['accuracy_norm']:.3f}, change {change_text(dn)} "
-                f"({'real' if dn['excludes_zero'] else 'not established'}).\n"]
+                f"({verdict_text(dn)}).\n"]
     else:
         out += ["| pairs | accuracy | log-likelihood margin |", "|---:|---:|---:|",
                 f"| {e['pairs']} | {t['accuracy']:.3f} | {t['margin']:+.2f} |", ""]

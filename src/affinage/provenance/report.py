@@ -35,9 +35,6 @@ def _too_few(d: dict) -> str | None:
     return f"too few to tell ({units})"
 
 
-_units = counted  # affinage.eval.results: one wording for the console and the report
-
-
 def ppl_verdict(e: dict) -> str:
     d = e["delta"]["bits_per_byte"]
     lower = d["delta"] < 0
@@ -120,7 +117,7 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
                     "|---|---|---:|---:|---:|---:|---|---|"]
             for e in ppl:
                 d = e["delta"]["bits_per_byte"]["relative"]
-                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'documents')} | {_f(e['base']['bits_per_byte'])} | "
+                out.append(f"| {e['name']} | {e['role']} | {counted(e, 'documents')} | {_f(e['base']['bits_per_byte'])} | "
                            f"{_f(e['tuned']['bits_per_byte'])} | {_pct(d['delta'])} | "
                            f"[{_pct(d['ci_low'])}, {_pct(d['ci_high'])}] | {ppl_verdict(e)} |")
             out.append("")
@@ -133,7 +130,7 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
         else:
             out += ["| set | role | documents | bits per byte | token perplexity |", "|---|---|---:|---:|---:|"]
             for e in ppl:
-                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'documents')} | {_f(e['tuned']['bits_per_byte'])} | "
+                out.append(f"| {e['name']} | {e['role']} | {counted(e, 'documents')} | {_f(e['tuned']['bits_per_byte'])} | "
                            f"{_f(e['tuned']['token_perplexity'], 2)} |")
         out.append("")
         try:
@@ -152,14 +149,14 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
                     "|---|---|---:|---:|---:|---|---|---|---|---|"]
             for e in items:
                 da, dn = e["delta"]["acc"], e["delta"]["acc_norm"]
-                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
+                out.append(f"| {e['name']} | {e['role']} | {counted(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
                            f"{e['base']['acc']:.3f} → {e['tuned']['acc']:.3f} | {change_text(da)} | "
                            f"{mcq_verdict(da)} | {e['base']['acc_norm']:.3f} → {e['tuned']['acc_norm']:.3f} | "
                            f"{change_text(dn)} |")
         else:
             out += ["| set | items | shots | chance | acc | acc_norm |", "|---|---:|---:|---:|---:|---:|"]
             for e in items:
-                out.append(f"| {e['name']} | {_units(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
+                out.append(f"| {e['name']} | {counted(e, 'items')} | {e['num_fewshot']} | {_f(e.get('chance'), 3)} | "
                            f"{e['tuned']['acc']:.3f} | {e['tuned']['acc_norm']:.3f} |")
         out.append("")
         try:
@@ -178,13 +175,13 @@ def _eval_section(results: dict, root: Path, out: list[str], images: Path) -> No
                     "|---|---|---:|---|---|---|---|"]
             for e in qa:
                 d = e["delta"]["f1"]
-                out.append(f"| {e['name']} | {e['role']} | {_units(e, 'items')} | {e['base']['exact']:.3f} → {e['tuned']['exact']:.3f} | "
+                out.append(f"| {e['name']} | {e['role']} | {counted(e, 'items')} | {e['base']['exact']:.3f} → {e['tuned']['exact']:.3f} | "
                            f"{e['base']['f1']:.3f} → {e['tuned']['f1']:.3f} | {change_text(d)} | "
                            f"{mcq_verdict(d)} |")
         else:
             out += ["| set | items | exact | F1 |", "|---|---:|---:|---:|"]
             for e in qa:
-                out.append(f"| {e['name']} | {_units(e, 'items')} | {e['tuned']['exact']:.3f} | {e['tuned']['f1']:.3f} |")
+                out.append(f"| {e['name']} | {counted(e, 'items')} | {e['tuned']['exact']:.3f} | {e['tuned']['f1']:.3f} |")
         out.append("")
     speed = results.get("speed") or {}
     if any(v.get("tokens_per_s") for v in speed.values()):

@@ -11,7 +11,7 @@ length, are right-padded to their group's longest and run as one batched causal 
 exact: padding sits after every real token, so a causal query never sees it, and padded outputs are
 dropped. It trades padded work (a group costs at most ``GROUP_SLACK`` × its Σ n²) for fewer calls,
 which pays only where the call count, not the arithmetic, is the cost: many short samples in a row
-(``bench/bench_attention.py``: on CPU 32 segments of 64 tokens 1.6× faster, mixed 20..400-token
+(``bench/bench_attention.py``: on CPU 32 segments of 64 tokens 1.7× faster, mixed 20..400-token
 segments even). Longer segments keep one call each. (FlexAttention would take a document mask in one
 call, but torch 2.13 has no FlexAttention backward on CPU; on GPU flash-attention varlen does this.)
 """
@@ -63,11 +63,12 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
         return sdpa_attention_forward(module, query, key, value, None, dropout=dropout, scaling=scaling, is_causal=True)
     starts = [a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
     lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-    outs, where = [], []  # per call: (tokens, heads, dim) outputs and their positions in the row
+    outs, where = [], []  # per call: (tokens, heads, dim) outputs and, when reordered, their positions in the row
     device = query.device
     calls = length_groups(lengths, GROUP_MAX_TOKENS, GROUP_SLACK)  # read at call time: the bench switches it off
-    if all(len(c) == 1 for c in calls):
-        calls.sort()  # no group formed: row order, no reordering below
+    in_row_order = all(len(c) == 1 for c in calls)
+    if in_row_order:
+        calls.sort()  # no group formed: one call per segment in row order, no reordering below
     for call in calls:
         if len(call) == 1:
             a, n = starts[call[0]], lengths[call[0]]
@@ -76,27 +77,29 @@ def _varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0
                 dropout=dropout, scaling=scaling, is_causal=True,
             )
             outs.append(o[0])
-            where.append(torch.arange(a, a + n, device=device))
+            if not in_row_order:
+                where.append(torch.arange(a, a + n, device=device))
             continue
         first = torch.tensor([starts[i] for i in call], device=device)
         count = torch.tensor([lengths[i] for i in call], device=device)
         offset = torch.arange(lengths[call[0]], device=device)
         real = offset[None, :] < count[:, None]
         index = torch.minimum(first[:, None] + offset[None, :], (first + count - 1)[:, None])  # pad: repeat the last token
-
-        def grouped(x):  # (1, heads, tokens, dim) -> (segments, heads, width, dim)
-            return x[0][:, index].transpose(0, 1)
-
-        o, _ = sdpa_attention_forward(module, grouped(query), grouped(key), grouped(value), None,
+        o, _ = sdpa_attention_forward(module, _gather(query, index), _gather(key, index), _gather(value, index), None,
                                       dropout=dropout, scaling=scaling, is_causal=True)
         outs.append(o[real])
         where.append(index[real])
-    if calls == [[i] for i in range(len(lengths))]:  # one call per segment, in row order
+    if in_row_order:
         return torch.cat(outs)[None], None
     positions = torch.cat(where)
     order = torch.empty_like(positions)
     order[positions] = torch.arange(positions.numel(), device=device)
     return torch.cat(outs)[order][None], None
+
+
+def _gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(1, heads, tokens, dim) -> (segments, heads, width, dim): the row's tokens at ``index`` (segments × width)."""
+    return x[0][:, index].transpose(0, 1)
 
 
 def register_varlen_attention() -> None:
